@@ -1,0 +1,129 @@
+// Host-side argument checks. Every message names the argument, what it got and what it needs,
+// so a wrong call fails with a RuntimeError/ValueError in Python instead of a crash or a
+// silently wrong result.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "rng.h"
+
+// RuntimeError in Python
+#define LORA_CHECK(cond, ...) TORCH_CHECK(cond, "lora_ext: ", __VA_ARGS__)
+// ValueError in Python
+#define LORA_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, "lora_ext: ", __VA_ARGS__)
+// Named shape check in the style of flash-attention's CHECK_SHAPE
+#define LORA_CHECK_SHAPE(t, ...)                                                               \
+  LORA_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #t " must have shape ",            \
+             at::IntArrayRef({__VA_ARGS__}), ", got ", (t).sizes())
+
+namespace lora_ext {
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  LORA_CHECK(at::isFloatingType(t.scalar_type()), name,
+             " must be a floating-point tensor (float32, bfloat16, float16 or float64), got ",
+             t.scalar_type());
+}
+
+inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  LORA_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
+             " is on ", ref.device(), ": all tensors must be on one device");
+  LORA_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(),
+             " but ", ref_name, " has dtype ", ref.scalar_type(),
+             ": cast them to one dtype (the LoRA layer does this)");
+}
+
+inline void check_scale(double scale) {
+  LORA_CHECK_VALUE(std::isfinite(scale), "scale must be a finite number, got ", scale);
+}
+
+inline void check_dropout_p(double p) {
+  LORA_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
+}
+
+// The seed travels as a one-element int64 tensor (so torch.compile can trace a fresh seed per
+// step); it is read on the host. Keep it on the CPU to avoid a device sync.
+inline uint64_t read_seed(const at::Tensor& seed) {
+  LORA_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+             "seed must be a one-element int64 tensor, got dtype ", seed.scalar_type(),
+             " and shape ", seed.sizes());
+  return static_cast<uint64_t>(seed.item<int64_t>());
+}
+
+struct LinearShapes {
+  int64_t n;    // tokens: product of x's leading dims
+  int64_t in;   // in_features
+  int64_t out;  // out_features
+  int64_t r;    // LoRA rank
+};
+
+// x [..., in], weight [out, in], bias [out] or none, lora_a [r, in], lora_b [out, r]
+inline LinearShapes check_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias,
+                                      const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                      double scale, double dropout_p) {
+  LORA_CHECK(x.dim() >= 1, "x must have shape [..., in_features], got a 0-d tensor");
+  check_floating(x, "x");
+  LORA_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got shape ",
+             weight.sizes());
+  LORA_CHECK(lora_a.dim() == 2, "lora_a must be 2-D [r, in_features], got shape ",
+             lora_a.sizes());
+  LORA_CHECK(lora_b.dim() == 2, "lora_b must be 2-D [out_features, r], got shape ",
+             lora_b.sizes());
+  const int64_t in = x.size(-1), out = weight.size(0), r = lora_a.size(0);
+  LORA_CHECK(weight.size(1) == in, "weight must have shape [out_features, ", in,
+             "] to match x of shape ", x.sizes(), ", got ", weight.sizes());
+  LORA_CHECK(r > 0, "the LoRA rank must be at least 1, got lora_a of shape ", lora_a.sizes());
+  LORA_CHECK(lora_a.size(1) == in, "lora_a must have shape [r, ", in, "] to match x of shape ",
+             x.sizes(), ", got ", lora_a.sizes());
+  LORA_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b must have shape [", out,
+             ", ", r, "] to match weight ", weight.sizes(), " and lora_a ", lora_a.sizes(),
+             ", got ", lora_b.sizes());
+  check_same(weight, "weight", x, "x");
+  check_same(lora_a, "lora_a", x, "x");
+  check_same(lora_b, "lora_b", x, "x");
+  if (bias.has_value() && bias->defined()) {
+    LORA_CHECK(bias->dim() == 1 && bias->size(0) == out, "bias must have shape [", out,
+               "] to match weight ", weight.sizes(), ", got ", bias->sizes());
+    check_same(*bias, "bias", x, "x");
+  }
+  check_scale(scale);
+  check_dropout_p(dropout_p);
+  const int64_t n = c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+  return LinearShapes{n, in, out, r};
+}
+
+// weight [out, in] (any strides), lora_a [r, in], lora_b [out, r]; A and B may have another
+// floating dtype than weight (adapters are often kept in float32 over a bfloat16 base).
+inline void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
+                             const at::Tensor& lora_b, double scale) {
+  LORA_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got shape ",
+             weight.sizes());
+  LORA_CHECK(lora_a.dim() == 2 && lora_b.dim() == 2,
+             "lora_a and lora_b must be 2-D ([r, in] and [out, r]), got shapes ", lora_a.sizes(),
+             " and ", lora_b.sizes());
+  check_floating(weight, "weight");
+  check_floating(lora_a, "lora_a");
+  check_floating(lora_b, "lora_b");
+  const int64_t out = weight.size(0), in = weight.size(1), r = lora_a.size(0);
+  LORA_CHECK(r > 0, "the LoRA rank must be at least 1, got lora_a of shape ", lora_a.sizes());
+  LORA_CHECK(lora_a.size(1) == in, "lora_a must have shape [r, ", in, "] to match weight ",
+             weight.sizes(), ", got ", lora_a.sizes());
+  LORA_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b must have shape [", out, ", ",
+             r, "] to match weight ", weight.sizes(), " and lora_a ", lora_a.sizes(), ", got ",
+             lora_b.sizes());
+  LORA_CHECK(lora_a.device() == weight.device() && lora_b.device() == weight.device(),
+             "weight, lora_a and lora_b must be on one device, got ", weight.device(), ", ",
+             lora_a.device(), " and ", lora_b.device());
+  check_scale(scale);
+}
+
+}  // namespace lora_ext

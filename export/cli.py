@@ -1,0 +1,276 @@
+"""The ``export`` and ``infer`` subcommands of ``lora-ext`` (registered by lora_ext/cli.py).
+
+    lora-ext export --model minilm --adapter runs/rt/adapter --out model.onnx [--int8]
+    lora-ext export --model smollm2 --out smollm2.onnx --task causal-lm
+    lora-ext infer --onnx model.onnx --tokenizer minilm "a gripping, beautifully shot film"
+
+Heavy modules (torch, transformers, onnx, onnxruntime) are imported when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+TASKS = ("seq-cls", "causal-lm")
+# example inputs for tracing and verification: two lengths, so padding is exercised
+EXAMPLE_TEXTS = (
+    "A gripping, beautifully shot film with a terrific lead performance.",
+    "Dull and far too long.",
+)
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Register ``export`` and ``infer`` on an argparse subparsers object; each parser sets
+    ``func`` to a callable(args) -> exit status."""
+    exp = subparsers.add_parser(
+        "export",
+        help="export a model (+ LoRA adapter) to ONNX, verified in onnxruntime",
+        description=(
+            "Merge the adapter into a copy of the model and write an ONNX file with dynamic "
+            "batch/sequence axes, checked in onnxruntime against PyTorch (fp32 to 1e-4 "
+            "relative). The write is atomic: a failed export leaves nothing at --out."
+        ),
+    )
+    exp.add_argument("--model", required=True, help="transformers model dir, or minilm | smollm2")
+    exp.add_argument("--adapter", help="LoRA adapter dir (PEFT layout, as lora-ext train writes)")
+    exp.add_argument("--out", required=True, help="output .onnx file (its directory must exist)")
+    variant = exp.add_mutually_exclusive_group()
+    variant.add_argument("--fp16", action="store_true", help="fp16 weights and activations")
+    variant.add_argument("--int8", action="store_true", help="int8 dynamic quantization")
+    exp.add_argument("--task", choices=TASKS, help="default: from the model")
+    exp.add_argument(
+        "--num-labels", type=int, default=None, help="seq-cls head size without an adapter (2)"
+    )
+    exp.add_argument(
+        "--hot-swap",
+        action="store_true",
+        help="keep LoRA A/B as graph inputs (needs --adapter); writes <out>.onnx_adapter",
+    )
+    exp.add_argument("--ort-format", action="store_true", help="also write <stem>.ort")
+    exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    exp.add_argument("--external-data", action="store_true", help="weights in <out>.data")
+    exp.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
+    exp.add_argument("--report", help="also write the report as JSON to this file")
+    exp.set_defaults(func=run_export)
+
+    inf = subparsers.add_parser(
+        "infer",
+        help="run an exported ONNX model on text with onnxruntime",
+        description="Tokenize the texts, run the ONNX file, print labels or next tokens.",
+    )
+    inf.add_argument("--onnx", required=True, help="the .onnx (or .ort) file")
+    inf.add_argument(
+        "--tokenizer",
+        help="tokenizer dir, or minilm | smollm2 (default: the .onnx file's directory)",
+    )
+    inf.add_argument("--adapter", help=".onnx_adapter file for a --hot-swap export")
+    inf.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="causal-lm: N greedy new tokens"
+    )
+    inf.add_argument("--cpu", action="store_true", help="CPU execution provider only")
+    inf.add_argument("texts", nargs="+", help="input text(s)")
+    inf.set_defaults(func=run_infer)
+
+
+# -- export ------------------------------------------------------------------------------
+def _task_of(model_name: str, kind: str, path: Path, task: str | None) -> str:
+    if task:
+        return task
+    if kind == "minilm":
+        return "seq-cls"
+    if kind == "smollm2":
+        return "causal-lm"
+    config = json.loads((path / "config.json").read_text())
+    arch = " ".join(config.get("architectures") or [])
+    if "ForSequenceClassification" in arch:
+        return "seq-cls"
+    if "ForCausalLM" in arch or "LMHeadModel" in arch:
+        return "causal-lm"
+    raise ValueError(
+        f"--task: cannot tell the task of {model_name!r} (architectures {arch or 'unknown'}); "
+        f"pass --task {' or '.join(TASKS)}"
+    )
+
+
+def _adapter_labels(adapter: Path | None) -> list[str] | None:
+    """Class names (or just their count) of a classifier adapter, from the files lora-ext
+    train writes: lora_ext_task.json, else the head's shape in the safetensors file."""
+    if adapter is None:
+        return None
+    task_file = adapter / "lora_ext_task.json"
+    if task_file.is_file():
+        classes = json.loads(task_file.read_text()).get("classes")
+        if classes:
+            return [str(c) for c in classes]
+    weights = adapter / "adapter_model.safetensors"
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if key.endswith(("classifier.weight", "score.weight")):
+                    return [f"LABEL_{i}" for i in range(f.get_slice(key).get_shape()[0])]
+    return None
+
+
+def load_for_export(
+    model_name: str, adapter: str | None, task: str | None, num_labels: int | None
+) -> tuple[Any, Any, str]:
+    """(model in float32 eval mode with the adapter loaded, tokenizer, task)."""
+    from lora_ext import models
+
+    kind, path = models.resolve_model(model_name)
+    task = _task_of(model_name, kind, path, task)
+    adapter_dir = None
+    if adapter is not None:
+        adapter_dir = Path(adapter)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"--adapter: {adapter!r} has no adapter_config.json (need a PEFT adapter dir)"
+            )
+    labels = _adapter_labels(adapter_dir) if task == "seq-cls" else None
+    n_labels = num_labels or (len(labels) if labels else 2)
+    if labels and num_labels and num_labels != len(labels):
+        raise ValueError(
+            f"--num-labels: got {num_labels}, but the adapter's head has {len(labels)}"
+        )
+    if kind == "minilm":
+        if task != "seq-cls":
+            raise ValueError(f"--task: minilm is exported as seq-cls, got {task!r}")
+        model, tokenizer = models.load_minilm_classifier(num_labels=n_labels)
+    elif kind == "smollm2":
+        if task != "causal-lm":
+            raise ValueError(f"--task: smollm2 is exported as causal-lm, got {task!r}")
+        model, tokenizer = models.load_smollm2()
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        auto = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
+        extra = {"num_labels": n_labels} if task == "seq-cls" and num_labels else {}
+        model = auto.from_pretrained(path, dtype=torch.float32, **extra).eval()
+        tokenizer = models.load_tokenizer(path)
+    if adapter_dir is not None:
+        from lora_ext.train import load_trained_adapter  # LoRA tensors + the trained head
+
+        load_trained_adapter(model, adapter_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer, task
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``lora-ext export``: returns 0 on success, 1 on a failed export (message printed)."""
+    from ._io import check_output_path
+    from .exporter import DEFAULT_OPSET, VerificationError, export_onnx
+
+    def say(msg: str) -> None:
+        print(f"[export] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        check_output_path(args.out, arg="--out")  # before loading anything
+        if args.hot_swap and not args.adapter:
+            raise ValueError("--hot-swap: needs --adapter (the adapted layers become inputs)")
+        say(f"loading {args.model}" + (f" + adapter {args.adapter}" if args.adapter else ""))
+        model, tokenizer, task = load_for_export(
+            args.model, args.adapter, args.task, args.num_labels
+        )
+        example = dict(tokenizer(list(EXAMPLE_TEXTS), padding=True, return_tensors="pt"))
+        report = export_onnx(
+            model,
+            example,
+            args.out,
+            dtype="fp16" if args.fp16 else "fp32",
+            quantize="int8" if args.int8 else None,
+            verify=not args.no_verify,
+            merge=not args.hot_swap,
+            opset=args.opset or DEFAULT_OPSET,
+            external_data=True if args.external_data else None,
+            ort_format=args.ort_format,
+            task=task,
+            log=say,
+        )
+    except (ValueError, TypeError, OSError, VerificationError) as exc:
+        print(f"lora-ext export: error: {exc}", file=sys.stderr)
+        return 1
+    tokenizer_dir = Path(args.out).parent
+    if not (tokenizer_dir / "tokenizer_config.json").exists():
+        # `lora-ext infer --onnx` finds it here without --tokenizer
+        tokenizer.save_pretrained(tokenizer_dir)
+    print(report.table())
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
+
+
+# -- infer -------------------------------------------------------------------------------
+def _load_tokenizer(source: str | Path) -> Any:
+    """A bundled model's tokenizer, a model dir's, or a bare tokenizer dir's (the one
+    ``lora-ext export`` and ``lora-ext train --export`` save next to the .onnx file)."""
+    from lora_ext import models
+
+    path = Path(source)
+    if str(source) in models.BUNDLED or (path / "config.json").is_file():
+        return models.load_tokenizer(source)
+    if (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    raise ValueError(
+        f"--tokenizer: got {str(source)!r}, which is neither minilm / smollm2 nor a directory "
+        "with a tokenizer (tokenizer_config.json)"
+    )
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    """``lora-ext infer``: prints one line per text; returns 0, or 1 on bad input."""
+    from .runner import OnnxRunner
+
+    try:
+        onnx_path = Path(args.onnx)
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"--onnx: {args.onnx!r} does not exist")
+        source = args.tokenizer
+        if source is None:
+            if not (onnx_path.parent / "tokenizer_config.json").is_file():
+                raise ValueError(
+                    f"--tokenizer: none given and {str(onnx_path.parent)!r} holds no tokenizer; "
+                    "pass a tokenizer dir or minilm / smollm2"
+                )
+            source = onnx_path.parent
+        tokenizer = _load_tokenizer(source)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        runner = OnnxRunner(
+            onnx_path,
+            tokenizer,
+            providers=["CPUExecutionProvider"] if args.cpu else None,
+            adapter=args.adapter,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"lora-ext infer: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"[infer] {onnx_path.name} on {runner.providers[0]}", file=sys.stderr)
+    if args.generate:
+        for text in args.texts:
+            print(f"{text}{runner.generate(text, args.generate)}")
+        return 0
+    import numpy as np
+
+    out = runner(args.texts)
+    width = min(max(len(t) for t in args.texts), 60)
+    for i, text in enumerate(args.texts):
+        shown = text if len(text) <= width else text[: width - 3] + "..."
+        if out.logits.ndim == 2:
+            logits = out.logits[i].astype(np.float64)
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            print(f"{shown:<{width}}  {out.labels[i]!s:<10} p={probs.max():.3f}")
+        else:
+            token = tokenizer.decode([out.labels[i]])
+            print(f"{shown:<{width}}  next token: {token!r}")
+    return 0

@@ -1,0 +1,751 @@
+"""export_onnx: a (LoRA-adapted) transformers model to an ONNX file that onnxruntime runs.
+
+The path, in order (nothing is written at the target until every step has passed):
+
+1. check the arguments and the output directory (exists, writable) before any work;
+2. deep-copy the model (the caller's model is never changed), float32, eval mode; compute
+   the PyTorch reference outputs on the example inputs and on fresh random inputs of other
+   batch and sequence sizes;
+3. merge the LoRA adapters into the copy (``merge_and_unload``), or, with ``merge=False``,
+   turn every adapted layer's A and B into graph inputs (adapter hot-swap, see adapters.py);
+4. check that every op the model runs has an ONNX form (one forward pass records the ops
+   per module; an op from another library, e.g. a custom CUDA kernel, is named with its
+   module);
+5. torch.onnx.export (the TorchScript exporter: dynamic batch/sequence axes through
+   ``dynamic_axes``, plain MatMul/Gemm/LayerNormalization..., no onnxscript dependency);
+6. optional fp16 conversion or int8 dynamic quantization (onnxruntime, per channel);
+7. save in a temporary directory next to the target (external data above ~2 GB), verify in
+   onnxruntime against the references, optionally write the ORT format, then os.replace.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from . import adapters as _adapters
+from ._io import (
+    EXTERNAL_DATA_THRESHOLD,
+    check_output_path,
+    commit,
+    file_size,
+    initializer_bytes,
+    save_model,
+    staging_dir,
+)
+from .quantize import quantize_int8, save_ort_format, to_fp16
+
+logger = logging.getLogger("lora_ext.export")
+
+DTYPES = ("fp32", "fp16")
+QUANTIZE = (None, "int8")
+# 17: LayerNormalization is one op; run by onnxruntime >= 1.11 and most edge runtimes.
+DEFAULT_OPSET = 17
+# max |onnx - torch| / max |torch| accepted by verify, per variant. fp32 is the contract;
+# fp16 carries ~1e-3 relative rounding per layer; int8 is judged by task agreement
+# (argmax), so only finiteness is enforced by default.
+DEFAULT_TOLERANCE: dict[str, float | None] = {"fp32": 1e-4, "fp16": 2e-2, "int8": None}
+# namespaces of ops the ONNX exporter knows; anything else (a custom C++/CUDA op) has no
+# ONNX form
+_ONNX_NAMESPACES = {"aten", "prim", "prims", "profiler"}
+
+
+class VerificationError(RuntimeError):
+    """The exported file does not match PyTorch within the tolerance (nothing was written)."""
+
+
+class UnsupportedModuleError(TypeError):
+    """A module of the model cannot be expressed in ONNX; the message names it."""
+
+
+@dataclass
+class VerifyCheck:
+    """One comparison of onnxruntime against PyTorch.
+
+    ``max_rel`` is max |onnx - torch| / max |torch| over the whole output (an elementwise
+    ratio is meaningless where logits cross zero); ``argmax_agree`` is the fraction of rows
+    (last axis) whose argmax matches.
+    """
+
+    inputs: str  # "example", "random", "base (no adapter)", "ort format"
+    batch: int
+    seq: int
+    max_abs: float
+    max_rel: float
+    argmax_agree: float
+
+
+@dataclass
+class ExportReport:
+    """What export_onnx wrote and measured."""
+
+    path: Path
+    files: list[Path]
+    size_bytes: int
+    dtype: str
+    quantize: str | None
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    lora_inputs: list[str] = field(default_factory=list)
+    merged_layers: int = 0
+    external_data: bool = False
+    adapter_path: Path | None = None
+    ort_path: Path | None = None
+    tolerance: float | None = None
+    checks: list[VerifyCheck] = field(default_factory=list)
+    ort_latency_ms: float | None = None
+    export_seconds: float = 0.0
+
+    @property
+    def max_rel(self) -> float | None:
+        return max((c.max_rel for c in self.checks), default=None)
+
+    @property
+    def max_abs(self) -> float | None:
+        return max((c.max_abs for c in self.checks), default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("path", "adapter_path", "ort_path"):
+            out[key] = None if out[key] is None else str(out[key])
+        out["files"] = [str(p) for p in self.files]
+        out["max_rel"] = self.max_rel
+        out["max_abs"] = self.max_abs
+        return out
+
+    def table(self) -> str:
+        """A readable summary: the files, then one line per verification."""
+        variant = self.quantize or self.dtype
+        lines = [
+            f"ONNX {variant} (opset {self.opset}) -> {self.path}",
+            f"  size {self.size_bytes / 1e6:.1f} MB"
+            + (" (external data)" if self.external_data else "")
+            + f", export {self.export_seconds:.1f} s"
+            + (
+                f", onnxruntime latency {self.ort_latency_ms:.2f} ms (example inputs)"
+                if self.ort_latency_ms is not None
+                else ""
+            ),
+            f"  inputs {', '.join(self.input_names)} -> {', '.join(self.output_names)}",
+        ]
+        if self.lora_inputs:
+            lines.append(
+                f"  hot-swap: {len(self.lora_inputs) // 2} LoRA layers as graph inputs"
+                + (f"; adapter file {self.adapter_path}" if self.adapter_path else "")
+            )
+        elif self.merged_layers:
+            lines.append(f"  merged LoRA layers: {self.merged_layers}")
+        if self.ort_path:
+            lines.append(f"  ORT format: {self.ort_path}")
+        if self.checks:
+            tol = "none" if self.tolerance is None else f"{self.tolerance:.0e}"
+            lines.append(f"  verify vs PyTorch (tolerance on max rel: {tol})")
+            lines.append(
+                f"    {'inputs':<18} {'batch':>5} {'seq':>5} {'max abs':>10} {'max rel':>10}"
+                f" {'argmax':>7}"
+            )
+            for c in self.checks:
+                lines.append(
+                    f"    {c.inputs:<18} {c.batch:>5} {c.seq:>5} {c.max_abs:>10.2e} "
+                    f"{c.max_rel:>10.2e} {c.argmax_agree:>6.1%}"
+                )
+        return "\n".join(lines)
+
+
+# -- inputs -------------------------------------------------------------------------------
+def _check_inputs(example_inputs: Any) -> dict[str, torch.Tensor]:
+    if not isinstance(example_inputs, Mapping) or not example_inputs:
+        raise TypeError(
+            f"example_inputs: got {type(example_inputs).__name__}, need a non-empty mapping "
+            "{name: tensor [batch, seq]} such as a tokenizer's output (return_tensors='pt')"
+        )
+    out: dict[str, torch.Tensor] = {}
+    shape = None
+    for name, value in example_inputs.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"example_inputs[{name!r}]: got {type(value).__name__}, need a tensor")
+        if value.dim() != 2:
+            raise ValueError(
+                f"example_inputs[{name!r}]: got shape {list(value.shape)}, need [batch, seq]"
+            )
+        if shape is not None and tuple(value.shape) != shape:
+            raise ValueError(
+                f"example_inputs[{name!r}]: got shape {list(value.shape)}, but the other "
+                f"inputs are {list(shape)}"
+            )
+        shape = tuple(value.shape)
+        out[str(name)] = value.detach().cpu()
+    return out
+
+
+def _vocab_size(model: nn.Module, fallback: int) -> int:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return int(getattr(emb, "num_embeddings", fallback))
+
+
+def _random_inputs(
+    example: dict[str, torch.Tensor], model: nn.Module, batch: int, seq: int, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Fresh inputs of shape [batch, seq] shaped like the example: random token ids over the
+    vocabulary, right-padded attention masks of random lengths (row 0 full), random token
+    types, positions 0..seq-1."""
+    config = getattr(model, "config", None)
+    out = {}
+    for name, ex in example.items():
+        if name == "attention_mask" or name.endswith("_mask"):
+            lengths = torch.randint(1, seq + 1, (batch,), generator=gen)
+            lengths[0] = seq
+            value = (torch.arange(seq)[None, :] < lengths[:, None]).to(ex.dtype)
+        elif name == "position_ids":
+            value = torch.arange(seq, dtype=ex.dtype).expand(batch, seq).contiguous()
+        elif name == "token_type_ids":
+            types = int(getattr(config, "type_vocab_size", 1) or 1)
+            value = torch.randint(0, types, (batch, seq), generator=gen, dtype=ex.dtype)
+        elif ex.is_floating_point():
+            value = torch.rand(batch, seq, generator=gen, dtype=ex.dtype)
+        else:
+            high = (
+                _vocab_size(model, int(ex.max()) + 1) if name == "input_ids" else int(ex.max()) + 1
+            )
+            value = torch.randint(0, max(high, 1), (batch, seq), generator=gen, dtype=ex.dtype)
+        out[name] = value
+    return out
+
+
+def _default_shapes(batch: int, seq: int) -> list[tuple[int, int]]:
+    return [(batch + 1, seq + 5), (1, seq + 13)]
+
+
+# -- the export module -------------------------------------------------------------------
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(
+        f"model: its forward returned {type(out).__name__}; need a tensor, a tuple starting "
+        "with one, or an output with .logits"
+    )
+
+
+class _ExportWrapper(nn.Module):
+    """Positional forward (input tensors, then A'/B' pairs) -> logits, as tracing needs."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        lora: list[_adapters.LoraInputLinear],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+        self.lora = lora
+        params = _forward_params(model)
+        # no KV cache in the graph: the export is a single full-sequence pass
+        self.extra: dict[str, Any] = {"use_cache": False} if "use_cache" in params else {}
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        n = len(self.names)
+        for i, layer in enumerate(self.lora):
+            layer.lora_a, layer.lora_b = args[n + 2 * i], args[n + 2 * i + 1]
+        try:
+            return _logits(self.model(**dict(zip(self.names, args[:n])), **self.extra))
+        finally:
+            for layer in self.lora:
+                layer.lora_a = layer.lora_b = None
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+# -- module and op checks -----------------------------------------------------------------
+def _check_modules(model: nn.Module) -> None:
+    """Modules we know cannot be exported as they are."""
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls.__module__.startswith("peft."):
+            raise UnsupportedModuleError(
+                f"module {name!r} is a PEFT layer ({cls.__name__}); merge it with PEFT's "
+                "merge_and_unload() first, or load the adapter with lora_ext.load_adapter"
+            )
+        if cls.__name__ == "LoraLinear" and cls.__module__ == "lora_ext.layer":
+            raise UnsupportedModuleError(
+                f"module {name!r} is still a LoraLinear after merging; this is a bug"
+            )
+
+
+class _OpRecorder:
+    """Records, for one forward pass, every dispatched op with the innermost module running
+    it, so an op the exporter cannot translate is reported with its module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.names = {id(m): n or type(m).__name__ for n, m in model.named_modules()}
+        self.stack: list[str] = []
+        self.first_user: dict[str, tuple[str, str]] = {}  # op -> (module name, class)
+        self.classes = {id(m): type(m).__name__ for m in model.modules()}
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+                op = f"{func.namespace}::{func._opname}"
+                if op not in recorder.first_user:
+                    top = recorder.stack[-1] if recorder.stack else ("<model>", "")
+                    recorder.first_user[op] = top
+                return func(*args, **(kwargs or {}))
+
+        def pre(module: nn.Module, _args: Any) -> None:
+            key = id(module)
+            if key in self.names:
+                self.stack.append((self.names[key], self.classes[key]))
+
+        def post(module: nn.Module, _args: Any, _out: Any) -> None:
+            if id(module) in self.names and self.stack:
+                self.stack.pop()
+
+        h1 = nn.modules.module.register_module_forward_pre_hook(pre)
+        h2 = nn.modules.module.register_module_forward_hook(post, always_call=True)
+        try:
+            with Mode():
+                return fn(*args)
+        finally:
+            h1.remove()
+            h2.remove()
+
+    def unsupported(self) -> list[tuple[str, str, str]]:
+        return [
+            (op, mod, cls)
+            for op, (mod, cls) in self.first_user.items()
+            if op.split("::")[0] not in _ONNX_NAMESPACES
+        ]
+
+    def module_of(self, message: str) -> str | None:
+        """The module that first ran an op named in an exporter error message."""
+        for op in re.findall(r"\b([A-Za-z_]\w*::\w+)", message):
+            if op in self.first_user:
+                mod, cls = self.first_user[op]
+                return f"op {op} is used by module {mod!r} ({cls})"
+        return None
+
+
+# -- verification -------------------------------------------------------------------------
+def _compare(name: str, shape: tuple[int, int], out: np.ndarray, ref: np.ndarray) -> VerifyCheck:
+    if out.shape != ref.shape:
+        raise VerificationError(
+            f"verify ({name} inputs): onnxruntime output shape {list(out.shape)} != PyTorch "
+            f"{list(ref.shape)}"
+        )
+    if not np.isfinite(out).all():
+        raise VerificationError(f"verify ({name} inputs): onnxruntime output has NaN/inf")
+    out64, ref64 = out.astype(np.float64), ref.astype(np.float64)
+    max_abs = float(np.abs(out64 - ref64).max()) if out.size else 0.0
+    scale = float(np.abs(ref64).max()) if ref.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    agree = float((out.argmax(-1) == ref.argmax(-1)).mean()) if out.size else 1.0
+    return VerifyCheck(name, int(shape[0]), int(shape[1]), max_abs, max_rel, agree)
+
+
+def _latency_ms(session: Any, feeds: dict[str, np.ndarray], runs: int = 10) -> float:
+    for _ in range(2):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+# -- the export ---------------------------------------------------------------------------
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    dtype: str = "fp32",
+    quantize: str | None = None,
+    verify: bool = True,
+    merge: bool = True,
+    *,
+    opset: int = DEFAULT_OPSET,
+    output_name: str = "logits",
+    tolerance: float | None = None,
+    verify_shapes: Sequence[tuple[int, int]] | None = None,
+    external_data: bool | None = None,
+    ort_format: bool = False,
+    task: str | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> ExportReport:
+    """Export ``model`` to ONNX at ``path`` and check it in onnxruntime.
+
+    Args:
+        model: a transformers-style model (plain, or with lora_ext LoRA layers); never
+            modified (a deep copy is merged and exported).
+        example_inputs: {name: tensor [batch, seq]} (e.g. a tokenizer's output); the names
+            become the graph inputs, in this order, with dynamic axes "batch" and "sequence".
+        path: output file (``.onnx``); its directory must exist and be writable.
+        dtype: "fp32" or "fp16" (weights and activations in half; inputs/outputs unchanged).
+        quantize: None or "int8" (onnxruntime dynamic quantization, int8 weights per
+            channel); combine with dtype="fp32".
+        verify: run the file in onnxruntime on the example inputs and on fresh random inputs
+            of other batch/sequence sizes and compare with PyTorch; a failure raises
+            VerificationError and writes nothing.
+        merge: True: fold the LoRA adapters into the weights (plain MatMul/Gemm graph).
+            False: adapter hot-swap, every adapted layer's A and B become graph inputs and
+            the model's active adapter is written to ``<stem>.onnx_adapter`` next to it.
+        opset: ONNX opset.
+        output_name: name of the graph output (the model's logits).
+        tolerance: max accepted relative error (max |onnx - torch| / max |torch|); default
+            1e-4 for fp32, 2e-2 for fp16, none for int8 (judged by argmax agreement).
+        verify_shapes: (batch, seq) of the random verification inputs; default two sizes
+            that differ from the example's.
+        external_data: store weights in ``<name>.data``; None: only when over ~2 GB.
+        ort_format: also write ``<stem>.ort`` (the ORT format of onnxruntime mobile builds).
+        task: recorded in the file's metadata for the runner ("seq-cls", "causal-lm");
+            default from the model class.
+        seed: seed of the random verification inputs.
+        log: progress callback (default: the "lora_ext.export" logger at INFO).
+
+    Returns: ExportReport (files, size, verification figures, onnxruntime latency).
+
+    Raises:
+        ValueError / TypeError: bad arguments (named). FileNotFoundError / PermissionError:
+        the output directory is missing or not writable (before any work).
+        UnsupportedModuleError: a module has no ONNX form (named). VerificationError: the
+        file does not match PyTorch (by how much); no file is left at ``path``.
+    """
+    t_start = time.perf_counter()
+    say = log or logger.info
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: got {dtype!r}, need one of {DTYPES}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize: got {quantize!r}, need one of {QUANTIZE}")
+    if quantize is not None and dtype != "fp32":
+        raise ValueError(f"quantize={quantize!r} needs dtype='fp32' (got dtype={dtype!r})")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: got {type(model).__name__}, need a torch.nn.Module")
+    if not isinstance(opset, int) or not 14 <= opset <= 20:
+        raise ValueError(f"opset: got {opset!r}, need an int in [14, 20]")
+    example = _check_inputs(example_inputs)
+    target = check_output_path(path)
+    variant = quantize or dtype
+    tol = DEFAULT_TOLERANCE[variant] if tolerance is None else float(tolerance)
+    batch, seq = next(iter(example.values())).shape
+    shapes = list(_default_shapes(batch, seq) if verify_shapes is None else verify_shapes)
+    for b, s in shapes:
+        if b < 1 or s < 1:
+            raise ValueError(f"verify_shapes: got {(b, s)}, need positive (batch, seq)")
+    if ort_format and external_data:
+        raise ValueError("ort_format=True cannot be combined with external_data=True")
+
+    with staging_dir(target) as tmp:
+        # -- 2. copy, references ------------------------------------------------------
+        say(f"copying the model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
+        work = copy.deepcopy(model)
+        # nn.Module's own cpu()/float(): transformers refuses .float() on models it loaded
+        # from a quantized file (GGUF), although their weights are plain float tensors here
+        nn.Module.float(nn.Module.cpu(work)).eval()
+        layers = _adapters.lora_layers(work)
+        names = list(example)
+        gen = torch.Generator().manual_seed(seed)
+        cases = [("example", example)] + [
+            ("random", _random_inputs(example, work, b, s, gen)) for b, s in shapes
+        ]
+        refs: list[np.ndarray] = []
+        if verify:
+            say(f"PyTorch reference outputs on {len(cases)} input sets")
+            if not merge:
+                for _, layer in layers:
+                    if layer.merged_adapters:  # the base export needs the unmerged weights
+                        layer.unmerge()
+            with torch.no_grad():
+                for _, inputs in cases:
+                    refs.append(_ExportWrapper(work, names, [])(*inputs.values()).numpy())
+
+        # -- 3. merge or hot-swap ----------------------------------------------------
+        lora_modules: list[_adapters.LoraInputLinear] = []
+        lora_names: list[str] = []
+        lora_values: list[torch.Tensor] = []
+        lora_axes: dict[str, dict[int, str]] = {}
+        if merge:
+            if layers:
+                from lora_ext.inject import merge_and_unload
+
+                say(f"merging {len(layers)} LoRA layers into the copy")
+                merge_and_unload(work)
+        else:
+            if not layers:
+                raise ValueError(
+                    "merge=False: the model has no LoRA layers; the hot-swap export turns "
+                    "each adapted layer's A and B into graph inputs (inject_ or load_adapter "
+                    "first), or use merge=True for a plain model"
+                )
+            say(f"hot-swap: {len(layers)} LoRA layers become graph inputs")
+            for layer_name, layer in layers:
+                if layer.merged_adapters:
+                    layer.unmerge()
+                a, b = _adapters.layer_tensors(layer)
+                stand_in = _adapters.LoraInputLinear(layer.base_layer)
+                _set_submodule(work, layer_name, stand_in)
+                lora_modules.append(stand_in)
+                name_a, name_b = _adapters.input_names(layer_name)
+                lora_names += [name_a, name_b]
+                lora_values += [a, b]
+                lora_axes[name_a] = {1: _adapters.LORA_R}
+                lora_axes[name_b] = {0: _adapters.LORA_R}
+        _check_modules(work)
+        wrapper = _ExportWrapper(work, names, lora_modules).eval()
+        args = tuple(example.values()) + tuple(lora_values)
+
+        # -- 4. every op has an ONNX form ------------------------------------------
+        recorder = _OpRecorder(work)
+        with torch.no_grad():
+            out = recorder.run(wrapper, *args)
+        bad = recorder.unsupported()
+        if bad:
+            op, mod, cls = bad[0]
+            raise UnsupportedModuleError(
+                f"module {mod!r} ({cls}) calls {op}, which has no ONNX form; "
+                + (
+                    f"{len(bad) - 1} more such op(s): {[b[0] for b in bad[1:]]}; "
+                    if len(bad) > 1
+                    else ""
+                )
+                + "replace the module with plain PyTorch ops before exporting"
+            )
+        out_axes = {0: "batch", 1: "sequence"} if out.dim() == 3 else {0: "batch"}
+        base_ref = None
+        if verify and lora_names:
+            # the base model's output (adapters off) through the same stand-ins, rank 0
+            zeros = tuple(
+                torch.zeros(*(0 if i == d else n for i, n in enumerate(v.shape)))
+                for v, d in zip(lora_values, [1, 0] * len(lora_modules))
+            )
+            with torch.no_grad():
+                base_ref = wrapper(*example.values(), *zeros).numpy()
+
+        # -- 5. torch.onnx.export --------------------------------------------------
+        raw = tmp / "torch_export" / "model.onnx"
+        raw.parent.mkdir()
+        say(f"torch.onnx.export (opset {opset}) of inputs {names} -> {output_name!r}")
+        dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in names}
+        dynamic_axes[output_name] = out_axes
+        dynamic_axes.update(lora_axes)
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # TracerWarnings, the exporter's deprecation
+                torch.onnx.export(
+                    wrapper,
+                    args,
+                    str(raw),
+                    dynamo=False,
+                    input_names=names + lora_names,
+                    output_names=[output_name],
+                    dynamic_axes=dynamic_axes,
+                    opset_version=opset,
+                    do_constant_folding=True,
+                )
+        except Exception as exc:
+            where = recorder.module_of(str(exc))
+            raise UnsupportedModuleError(
+                f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}"
+                + (f" ({where})" if where else "")
+            ) from exc
+        graph = onnx.load(str(raw))
+        foreign = sorted({n.domain for n in graph.graph.node if n.domain not in ("", "ai.onnx")})
+        if foreign:
+            node = next(n for n in graph.graph.node if n.domain in foreign)
+            raise UnsupportedModuleError(
+                f"the exported graph has ops outside standard ONNX (domain {foreign}), e.g. "
+                f"node {node.name!r} ({node.op_type})"
+            )
+        del work, wrapper
+
+        # -- 6. fp16 / int8 --------------------------------------------------------
+        if dtype == "fp16":
+            say("converting weights and activations to fp16")
+            graph = to_fp16(graph)
+        if quantize == "int8":
+            say("int8 dynamic quantization (per channel, onnxruntime)")
+            lora_set = set(lora_names)
+            skip = [n.name for n in graph.graph.node if lora_set.intersection(n.input)]
+            big = initializer_bytes(graph) > EXTERNAL_DATA_THRESHOLD
+            graph = quantize_int8(graph, tmp, exclude_nodes=skip, external_data=big)
+        if lora_names:
+            _add_rank0_defaults(graph, lora_names, lora_values)
+        _set_metadata(graph, model, variant, merge, len(layers), task, lora_names)
+
+        # -- 7. save, verify, commit -----------------------------------------------
+        staged_model = tmp / target.name
+        staged, used_external = save_model(graph, staged_model, external_data)
+        del graph
+        report = ExportReport(
+            path=target,
+            files=[],
+            size_bytes=file_size(staged),
+            dtype=dtype,
+            quantize=quantize,
+            opset=opset,
+            input_names=names,
+            output_names=[output_name],
+            lora_inputs=lora_names,
+            merged_layers=len(layers) if merge else 0,
+            external_data=used_external,
+            tolerance=tol,
+        )
+        adapter_staged = None
+        if lora_names and any(v.shape[0] * v.shape[1] for v in lora_values):
+            adapter_staged = tmp / (target.stem + _adapters.ADAPTER_SUFFIX)
+            _adapters.write_adapter_file(
+                {n: v.numpy() for n, v in zip(lora_names, lora_values) if v.numel()},
+                adapter_staged,
+            )
+            staged.insert(0, adapter_staged)
+
+        if verify:
+            say("verifying in onnxruntime (CPU)")
+            session = _session(staged_model)
+            feeds_all = [
+                {k: v.numpy() for k, v in inputs.items()}
+                | {n: v.numpy() for n, v in zip(lora_names, lora_values)}
+                for _, inputs in cases
+            ]
+            for (kind, inputs), feeds, ref in zip(cases, feeds_all, refs):
+                got = session.run([output_name], feeds)[0]
+                shape = tuple(next(iter(inputs.values())).shape)
+                report.checks.append(_compare(kind, shape, got, ref))
+            if lora_names:
+                # the rank-0 defaults: a run fed no adapter inputs is the base model
+                got = session.run([output_name], {k: feeds_all[0][k] for k in names})[0]
+                report.checks.append(_compare("base (no adapter)", (batch, seq), got, base_ref))
+            report.ort_latency_ms = _latency_ms(session, feeds_all[0])
+            del session
+            _enforce(report, tol, target)
+
+        if ort_format:
+            ort_staged = tmp / (target.stem + ".ort")
+            say("writing the ORT format")
+            save_ort_format(staged_model, ort_staged)
+            if verify:
+                session = _session(ort_staged)
+                got = session.run([output_name], feeds_all[0])[0]
+                report.checks.append(_compare("ort format", (batch, seq), got, refs[0]))
+                del session
+                _enforce(report, tol, target)
+            staged.insert(0, ort_staged)
+
+        written = commit(staged, target.parent)
+    report.files = written
+    report.size_bytes = file_size([p for p in written if p.suffix not in (".ort", ".onnx_adapter")])
+    report.adapter_path = next((p for p in written if p.suffix == ".onnx_adapter"), None)
+    report.ort_path = next((p for p in written if p.suffix == ".ort"), None)
+    report.export_seconds = time.perf_counter() - t_start
+    say(f"wrote {target} ({report.size_bytes / 1e6:.1f} MB)")
+    return report
+
+
+def _enforce(report: ExportReport, tol: float | None, target: Path) -> None:
+    if tol is None:
+        return
+    worst = max(report.checks, key=lambda c: c.max_rel)
+    if worst.max_rel > tol:
+        raise VerificationError(
+            f"verify failed: max relative error {worst.max_rel:.3e} (max abs "
+            f"{worst.max_abs:.3e}) > tolerance {tol:.1e} on {worst.inputs} inputs, batch "
+            f"{worst.batch} x seq {worst.seq}; nothing was written to {target}"
+        )
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _add_rank0_defaults(
+    graph: onnx.ModelProto, lora_names: list[str], lora_values: list[torch.Tensor]
+) -> None:
+    """Give every LoRA graph input a default value of rank 0 ([in, 0] / [0, out]) so that
+    feeding no adapter runs the base model (as Olive's optional adapter inputs do)."""
+    from onnx import numpy_helper
+
+    for name, value in zip(lora_names, lora_values):
+        shape = list(value.shape)
+        shape[1 if name.endswith(".lora_A.weight") else 0] = 0
+        graph.graph.initializer.append(
+            numpy_helper.from_array(np.zeros(shape, dtype=np.float32), name)
+        )
+
+
+def _set_metadata(
+    graph: onnx.ModelProto,
+    model: nn.Module,
+    variant: str,
+    merged: bool,
+    n_layers: int,
+    task: str | None,
+    lora_names: list[str],
+) -> None:
+    """Facts the runner needs (task, labels, hot-swap inputs), as model metadata."""
+    import lora_ext
+
+    config = getattr(model, "config", None)
+    if task is None:
+        cls = type(model).__name__
+        if cls.endswith("ForSequenceClassification"):
+            task = "seq-cls"
+        elif cls.endswith(("ForCausalLM", "LMHeadModel")):
+            task = "causal-lm"
+    meta = {
+        "lora_ext.version": lora_ext.__version__,
+        "lora_ext.variant": variant,
+        "lora_ext.lora": "hot-swap" if not merged else ("merged" if n_layers else "none"),
+    }
+    if task:
+        meta["lora_ext.task"] = task
+    id2label = getattr(config, "id2label", None)
+    if task == "seq-cls" and id2label:
+        meta["lora_ext.id2label"] = json.dumps({int(k): v for k, v in id2label.items()})
+    if lora_names:
+        meta["lora_ext.lora_inputs"] = json.dumps(lora_names)
+    del graph.metadata_props[:]
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)

@@ -1,0 +1,341 @@
+"""LoraLinear: a wrapper that adds named LoRA adapters to an nn.Linear or a GPT-2 Conv1D.
+
+As in PEFT's ``tuners/lora/layer.py`` the original layer is kept untouched as ``base_layer``
+(its parameters keep their names under ``<module>.base_layer``) and the adapters live next to
+it: ``lora_A[name]`` [r, in] and ``lora_B[name]`` [out, r]. The forward pass is one call of
+the compiled op ``lora_ext.ops.lora_linear``; merging uses ``lora_ext.ops.merge_``.
+
+transformers' ``Conv1D`` (GPT-2) stores its weight as [in, out]; everything here works on the
+[out, in] view ``weight.t()`` (the ops accept non-contiguous views), which is what PEFT's
+``fan_in_fan_out`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from lora_ext import ops
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional: then only nn.Linear exists
+        return None
+    return Conv1D
+
+
+def is_supported(module: nn.Module) -> bool:
+    """True for the layer types LoraLinear can wrap: nn.Linear and transformers' Conv1D."""
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """Adapter names become keys of nn.ParameterDict, so they cannot contain dots."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name: got {adapter_name!r}, need a non-empty string without '.'")
+    return adapter_name
+
+
+class LoraLinear(nn.Module):
+    """A linear layer plus LoRA adapters: y = base(x) + sum_i s_i * (drop(x) A_i^T) B_i^T.
+
+    Args:
+        base_layer: the nn.Linear (weight [out, in]) or transformers Conv1D (weight [in, out])
+            to wrap. It is kept as ``self.base_layer``; its parameters are not copied. Its
+            weight is frozen (the op gives it no gradient); a bias may still train.
+
+    Several adapters may be active at once; their contributions are summed. The op is then
+    called once with the adapters stacked along the rank: A = cat(A_i) [sum r_i, in],
+    B = cat(s_i * B_i) [out, sum r_i], scale 1 — exactly sum_i s_i B_i A_i x. The dropout mask
+    is then shared by the stacked adapters (one mask on x), so in train mode with dropout
+    they must use the same dropout rate.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if isinstance(base_layer, LoraLinear):
+            raise TypeError("base_layer: got a LoraLinear; add an adapter to it instead")
+        if not is_supported(base_layer):
+            raise TypeError(
+                f"base_layer: got {type(base_layer).__name__}, need nn.Linear or "
+                "transformers' Conv1D"
+            )
+        self.base_layer = base_layer
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: weight [in, out]
+        weight = base_layer.weight
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        # the op gives no gradient to the base weight: it is frozen here, as PEFT's model does
+        base_layer.weight.requires_grad_(False)
+        # a layer wrapped into an eval-mode model must not start dropping out
+        self.train(base_layer.training)
+
+    # -- the base weight ---------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight parameter, in its own layout (code that reads
+        ``module.weight`` keeps working after wrapping)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias parameter (or None)."""
+        return self.base_layer.bias
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as an [out, in] tensor (a transposed view for Conv1D)."""
+        weight = self.base_layer.weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # -- adapters ----------------------------------------------------------------------
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str | None = "kaiming",
+    ) -> None:
+        """Create adapter ``adapter_name``: A [r, in], B [out, r] on the base weight's device,
+        in its dtype (float32 over a float16/bfloat16 base, as PEFT), scale alpha / r
+        (alpha / sqrt(r) with use_rslora).
+
+        init "kaiming" / "gaussian" leave the layer's output unchanged (B = 0); "pissa" sets
+        A, B from the top-r SVD of W and replaces W by W - scale * B A (also unchanged);
+        None leaves A = B = 0 without drawing random numbers (for tensors loaded next).
+        """
+        check_adapter_name(adapter_name)
+        if adapter_name in self.lora_A:
+            raise ValueError(f"adapter_name: {adapter_name!r} already exists on this layer")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r: got {r!r}, need a positive int")
+        if init == "pissa" and r > min(self.in_features, self.out_features):
+            raise ValueError(
+                f"r: got {r} with init='pissa', need r <= min(in, out) = "
+                f"{min(self.in_features, self.out_features)}"
+            )
+        weight = self.base_layer.weight
+        # As PEFT (autocast_adapter_dtype): adapters over a float16/bfloat16 base are kept in
+        # float32, so their updates are not rounded away; the forward casts them for the op.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        factory = {"dtype": dtype, "device": weight.device}
+        lora_a = nn.Parameter(torch.empty(r, self.in_features, **factory))
+        lora_b = nn.Parameter(torch.empty(self.out_features, r, **factory))
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        with torch.no_grad():
+            if init == "kaiming":
+                # the default of nn.Linear and of PEFT / loralib: kaiming-uniform(a=sqrt(5))
+                nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+                lora_b.zero_()
+            elif init == "gaussian":
+                nn.init.normal_(lora_a, std=1.0 / r)  # PEFT's "gaussian": std 1/r
+                lora_b.zero_()
+            elif init == "pissa":
+                self._pissa_init(lora_a, lora_b, r, scale)
+            elif init is None:
+                lora_a.zero_()
+                lora_b.zero_()
+            else:
+                raise ValueError(f"init: got {init!r}, need 'kaiming', 'gaussian' or 'pissa'")
+        self.lora_A[adapter_name] = lora_a
+        self.lora_B[adapter_name] = lora_b
+        self.r[adapter_name] = r
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = scale
+        self.dropout[adapter_name] = float(dropout)
+        self.use_rslora[adapter_name] = bool(use_rslora)
+
+    def _pissa_init(self, lora_a: torch.Tensor, lora_b: torch.Tensor, r: int, scale: float) -> None:
+        # PEFT's pissa_init: W = U S Vh; A = sqrt(S_r / s) Vh_r, B = U_r sqrt(S_r / s), so
+        # s * B A is the best rank-r approximation of W, and W keeps the residual.
+        w = self.base_weight()
+        w32 = w.to(torch.float32)
+        u, s_vals, vh = torch.linalg.svd(w32, full_matrices=False)
+        root = torch.sqrt(s_vals[:r] / scale)
+        a = root[:, None] * vh[:r]
+        b = u[:, :r] * root[None, :]
+        lora_a.copy_(a)
+        lora_b.copy_(b)
+        w.copy_(w32 - scale * (b @ a))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter (it must not be merged)."""
+        if adapter_name not in self.lora_A:
+            raise KeyError(f"adapter_name: {adapter_name!r} is not on this layer")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before deleting")
+        del self.lora_A[adapter_name]
+        del self.lora_B[adapter_name]
+        for table in (self.r, self.alpha, self.scaling, self.dropout, self.use_rslora):
+            del table[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Make these adapters (those present on this layer) the active ones; only active
+        adapters' tensors require grad."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.active_adapters = [n for n in names if n in self.lora_A]
+        for name in self.lora_A:
+            trainable = name in self.active_adapters
+            self.lora_A[name].requires_grad_(trainable)
+            self.lora_B[name].requires_grad_(trainable)
+
+    # -- math ----------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """scale * B A for one adapter, in float32, as an [out, in] tensor."""
+        a = self.lora_A[adapter_name].detach().to(torch.float32)
+        b = self.lora_B[adapter_name].detach().to(torch.float32)
+        return self.scaling[adapter_name] * (b @ a)
+
+    def merge_problem(self, adapter_names: Iterable[str]) -> str | None:
+        """Why merging these adapters (in order) would not be safe, or None: a delta with a
+        non-finite value, or a finite weight entry that would overflow to inf/nan in the
+        weight's dtype (the test ``ops.merge_(safe=True)`` applies, done for all adapters
+        up front so that a refusal leaves the weight untouched)."""
+        weight = self.base_weight().detach()
+        total = weight.to(torch.float32)
+        for name in adapter_names:
+            delta = self.get_delta_weight(name)
+            if not torch.isfinite(delta).all():
+                return f"adapter {name!r} has a non-finite delta weight"
+            total = total + delta
+        finite_before = torch.isfinite(weight)
+        if (finite_before & ~torch.isfinite(total.to(weight.dtype))).any():
+            return f"merging {list(adapter_names)} would overflow the {weight.dtype} weight"
+        return None
+
+    def _stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(A, B, scale, dropout_p) for the op; several adapters are stacked along r with B
+        pre-scaled so that one op call computes their sum."""
+        if len(names) == 1:
+            name = names[0]
+            return self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
+        rates = {self.dropout[n] for n in names}
+        if self.training and len(rates) > 1 and max(rates) > 0:
+            raise ValueError(
+                f"active adapters {names} have different dropout rates {sorted(rates)}; "
+                "in train mode they share one dropout mask, so they need the same rate"
+            )
+        a = torch.cat([self.lora_A[n] for n in names], dim=0)
+        b = torch.cat([self.lora_B[n] * self.scaling[n] for n in names], dim=1)
+        return a, b, 1.0, max(rates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]. Merged adapters are already in the base weight; the
+        others go through the fused op (dropout in train mode only)."""
+        pending = [
+            n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters
+        ]
+        if not pending:
+            return self.base_layer(x)
+        lora_a, lora_b, scale, dropout_p = self._stacked(pending)
+        weight = self.base_weight()
+        # the op computes in one dtype, the base weight's (casts are differentiable)
+        if x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
+        if lora_a.dtype != weight.dtype:
+            lora_a, lora_b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
+        bias = self.base_layer.bias
+        # The op gives no gradient to bias (frozen by contract); a bias trained with
+        # bias="all"/"lora_only" is added outside the op so that it gets one.
+        bias_in_op = bias if bias is None or not bias.requires_grad else None
+        y = ops.lora_linear(
+            x,
+            weight,
+            bias_in_op,
+            lora_a,
+            lora_b,
+            scale,
+            dropout_p=dropout_p if self.training else 0.0,
+        )
+        if bias is not None and bias_in_op is None:
+            y = y + bias
+        return y
+
+    # -- merge -------------------------------------------------------------------------
+    def merge(self, adapter_names: Iterable[str] | None = None, safe: bool = False) -> list[str]:
+        """Add scale * B A of each named adapter (default: the active ones) into the base
+        weight in place via ``ops.merge_``. Already merged adapters are skipped.
+
+        safe=True checks every delta for non-finite values before touching the weight and
+        raises ValueError (weight bit-identical) if one is found.
+
+        Returns: the names that were already merged (skipped).
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name not in self.lora_A:
+                raise KeyError(f"adapter_names: {name!r} is not on this layer")
+        skipped = [n for n in names if n in self.merged_adapters]
+        todo = [n for n in names if n not in self.merged_adapters]
+        if safe:
+            # all adapters are checked before any is merged, so a failure leaves W untouched
+            problem = self.merge_problem(todo)
+            if problem:
+                raise ValueError(f"safe merge: {problem}; nothing was merged")
+        with torch.no_grad():
+            weight = self.base_weight()
+            for name in todo:
+                # detached: a merge is never part of a graph
+                ops.merge_(
+                    weight,
+                    self.lora_A[name].detach(),
+                    self.lora_B[name].detach(),
+                    self.scaling[name],
+                    safe=safe,
+                )
+                self.merged_adapters.append(name)
+        return skipped
+
+    def unmerge(self) -> list[str]:
+        """Subtract the merged adapters from the base weight (in reverse merge order).
+
+        Returns: the names unmerged.
+        """
+        done = []
+        with torch.no_grad():
+            weight = self.base_weight()
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                ops.merge_(
+                    weight,
+                    self.lora_A[name].detach(),
+                    self.lora_B[name].detach(),
+                    -self.scaling[name],
+                )
+                done.append(name)
+        return done
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(
+            f"{n}(r={self.r[n]}, alpha={self.alpha[n]:g}, scale={self.scaling[n]:.4g}, "
+            f"dropout={self.dropout[n]:g})"
+            for n in self.lora_A
+        )
+        kind = "Conv1D" if self.fan_in_fan_out else "Linear"
+        return (
+            f"{kind} {self.in_features} -> {self.out_features}, adapters=[{adapters}], "
+            f"active={self.active_adapters}, merged={self.merged_adapters}"
+        )

@@ -1,0 +1,253 @@
+"""Typed wrappers of the compiled ops (``torch.ops.lora_ext.*``): the only module that calls them.
+
+Besides the wrappers, this module registers what the C++ side leaves to Python:
+
+- a fake (meta) implementation of every op, so torch.compile / torch.export can trace them;
+- the autograd formula of ``lora_linear`` (backward is the compiled ``lora_linear_backward``),
+  so the op works under ``torch.compile(fullgraph=True)`` without a hidden autograd.Function.
+
+The dropout seed travels as a one-element int64 tensor drawn with ``torch.randint`` from
+torch's default generator: torch.manual_seed makes runs reproducible, and torch.compile traces
+a fresh seed per step instead of baking a Python int into the graph.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    from lora_ext import _C  # loads the library: registers torch.ops.lora_ext.*
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "lora_ext's compiled extension (lora_ext._C) is missing or does not match the installed "
+        f"torch {torch.__version__}. Build it from the repository root with\n"
+        "    pip install --no-build-isolation -e .\n"
+        "(or `make build`); LORA_EXT_CPU_ONLY=1 skips the CUDA kernels. "
+        f"Original error: {exc}"
+    ) from exc
+
+__all__ = ["build_info", "dropout_mask", "lora_linear", "make_seed", "merge_"]
+
+_ops = torch.ops.lora_ext
+_SEED_HIGH = 2**62
+
+
+def build_info() -> dict[str, Any]:
+    """How the compiled extension was built.
+
+    Returns:
+        dict with ``version``, ``cuda`` (bool: CUDA kernels compiled in), ``cuda_archs``
+        (e.g. ``["8.0", "9.0"]``), ``cuda_version``, ``torch_version`` (compiled against),
+        ``openmp``, ``cpu_dispatch``, ``compiler`` and ``dropout_rng``.
+    """
+    return dict(_C.build_info())
+
+
+def make_seed(seed: int | Tensor | None = None) -> Tensor:
+    """The dropout seed as the op takes it: a 0-d int64 CPU tensor.
+
+    ``None`` draws a fresh one from torch's default CPU generator (reproducible under
+    torch.manual_seed); an int or a one-element integer tensor is used as given.
+    """
+    if seed is None:
+        return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
+            raise ValueError(
+                f"seed must be an int or a one-element integer tensor, got a {seed.dtype} "
+                f"tensor of shape {tuple(seed.shape)}"
+            )
+        return seed.reshape(()).to(device="cpu", dtype=torch.int64)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, a tensor or None, got {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must fit in 64 bits, got {seed}")
+    if seed >= 2**63:  # same 64 bits, as the C++ side reads them
+        seed -= 2**64
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+def _check_scale_p(scale: float, dropout_p: float) -> None:
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+# A constant seed for dropout_p == 0 (the kernels ignore it then): no allocation per call.
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int | Tensor | None = None,
+) -> Tensor:
+    """Fused LoRA linear: ``y = x W^T + bias + scale * (drop(x) A^T) B^T``.
+
+    ``drop(x) = x * mask / (1 - dropout_p)`` where the mask is a pure function of (seed, flat
+    element index of x as [tokens, in]), recomputed in backward instead of being stored.
+
+    Args:
+        x: [..., in] input (any leading dims, any strides).
+        weight: [out, in] frozen base weight (may be a non-contiguous view, e.g. Conv1D.weight.t()).
+        bias: [out] frozen bias or None.
+        lora_a: [r, in] LoRA down projection A.
+        lora_b: [out, r] LoRA up projection B.
+        scale: alpha / r (or alpha / sqrt(r) for rsLoRA); must be finite.
+        dropout_p: probability of dropping an element of x on the LoRA path, in [0, 1).
+            Pass 0 in eval mode.
+        seed: mask seed; None draws a fresh one from torch's default generator.
+
+    Returns:
+        y: [..., out]. Differentiable w.r.t. x, lora_a and lora_b (not weight, bias).
+    """
+    _check_scale_p(scale, dropout_p)
+    if torch.is_grad_enabled() and (
+        weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        raise ValueError(
+            "lora_linear: weight and bias are frozen (no gradient flows to them); "
+            "set requires_grad=False on the base layer's parameters"
+        )
+    seed_t = make_seed(seed) if dropout_p > 0.0 else _NO_SEED
+    y, _ = _ops.lora_linear.default(
+        x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), seed_t
+    )
+    return y
+
+
+def merge_(
+    weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, safe: bool = False
+) -> Tensor:
+    """In place ``weight += scale * lora_b @ lora_a``, accumulated in float32, rounded once.
+
+    Works in tiles (no temporary of the weight's size). Unmerge is ``merge_`` with ``-scale``.
+
+    Args:
+        weight: [out, in] weight to update; may be a non-contiguous view (``conv.weight.t()``).
+        lora_a: [r, in]. lora_b: [out, r]. Their dtype may differ from weight's.
+        scale: finite scaling factor.
+        safe: first check that the delta is finite and that no finite weight would become
+            inf/nan; if not, raise ValueError and leave weight bit-identical.
+
+    Returns:
+        weight (the same tensor, updated).
+    """
+    _check_scale_p(scale, 0.0)
+    with torch.no_grad():  # merging is never part of a graph; also allows leaf parameters
+        if safe and not bool(_ops.merge_check.default(weight, lora_a, lora_b, float(scale))):
+            raise ValueError(
+                f"merge_(safe=True): scale * lora_b @ lora_a (scale={scale}, lora_a "
+                f"{tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}) is not finite or would "
+                f"overflow weight {tuple(weight.shape)} ({weight.dtype}); weight left unchanged"
+            )
+        _ops.merge_.default(weight, lora_a, lora_b, float(scale))
+    return weight
+
+
+def dropout_mask(like: Tensor, seed: int | Tensor, dropout_p: float) -> Tensor:
+    """The keep-mask lora_linear uses for an x of ``like``'s shape: bool, like's shape/device."""
+    _check_scale_p(1.0, dropout_p)
+    return _ops.dropout_mask.default(like, make_seed(seed), float(dropout_p))
+
+
+# ---------------------------------------------------------------------------------------------
+# fake (meta) implementations: shapes, dtypes and strides of the real kernels' outputs
+
+
+def _rows_shape(x: Tensor, last: int) -> list[int]:
+    return [*x.shape[:-1], last]
+
+
+@torch.library.register_fake("lora_ext::lora_linear")
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    torch._check(x.dim() >= 1, lambda: "x must have shape [..., in_features]")
+    torch._check(
+        weight.dim() == 2 and weight.shape[1] == x.shape[-1],
+        lambda: f"weight must be [out, {x.shape[-1]}], got {tuple(weight.shape)}",
+    )
+    torch._check(
+        lora_a.dim() == 2 and lora_a.shape[1] == x.shape[-1],
+        lambda: f"lora_a must be [r, {x.shape[-1]}], got {tuple(lora_a.shape)}",
+    )
+    torch._check(
+        lora_b.dim() == 2
+        and lora_b.shape[0] == weight.shape[0]
+        and lora_b.shape[1] == lora_a.shape[0],
+        lambda: f"lora_b must be [{weight.shape[0]}, {lora_a.shape[0]}], got {tuple(lora_b.shape)}",
+    )
+    y = x.new_empty(_rows_shape(x, weight.shape[0]))
+    xa = x.new_empty(_rows_shape(x, lora_a.shape[0]))
+    return y, xa
+
+
+@torch.library.register_fake("lora_ext::lora_linear_backward")
+def _lora_linear_backward_fake(
+    grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, output_mask
+):
+    return (
+        x.new_empty(x.shape) if output_mask[0] else None,
+        lora_a.new_empty(lora_a.shape) if output_mask[1] else None,
+        lora_b.new_empty(lora_b.shape) if output_mask[2] else None,
+    )
+
+
+@torch.library.register_fake("lora_ext::merge_")
+def _merge_fake(weight, lora_a, lora_b, scale):
+    return None
+
+
+@torch.library.register_fake("lora_ext::merge_check")
+def _merge_check_fake(weight, lora_a, lora_b, scale):
+    return weight.new_empty((), dtype=torch.bool)
+
+
+@torch.library.register_fake("lora_ext::dropout_mask")
+def _dropout_mask_fake(like, seed, dropout_p):
+    return like.new_empty(like.shape, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd of lora_linear: the saved tensors are x (the caller's own), the frozen weight, A, B,
+# xa [..., r] and the 0-d seed. Nothing else of x's size: the mask is recomputed from the seed.
+
+
+def _lora_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, dropout_p, seed = inputs
+    _, xa = output
+    ctx.scale = scale
+    ctx.dropout_p = dropout_p
+    ctx.save_for_backward(x, weight, lora_a, lora_b, xa, seed)
+    ctx.mark_non_differentiable(xa)
+
+
+def _lora_linear_backward(ctx, grad_y, grad_xa):
+    x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    output_mask = [bool(need[0]), bool(need[3]), bool(need[4])]
+    if need[1] or need[2]:
+        raise RuntimeError(
+            "lora_ext.lora_linear: weight and bias are frozen (no gradient); "
+            "set requires_grad=False on them"
+        )
+    if grad_y is None or not any(output_mask):
+        return None, None, None, None, None, None, None, None
+    grad_x, grad_a, grad_b = _ops.lora_linear_backward.default(
+        grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed, output_mask
+    )
+    return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+torch.library.register_autograd(
+    "lora_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context
+)

@@ -1,0 +1,431 @@
+"""lora_ext.export: merged and hot-swap ONNX export of real models, checked in onnxruntime.
+
+The MiniLM classifier carries a LoRA adapter with non-zero B (seeded), so every comparison
+below would fail if the adapter were dropped, merged twice or fed to the wrong layer. The
+exports are made once per module and shared by the tests that read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from lora_ext.export import (
+    OnnxRunner,
+    UnsupportedModuleError,
+    VerificationError,
+    export_onnx,
+    read_onnx_adapter,
+    save_onnx_adapter,
+)
+from lora_ext.export.cli import add_subcommands
+from torch import nn
+
+import lora_ext
+
+SENTENCES = [
+    "A gripping, beautifully shot film with a terrific lead performance.",
+    "Dull and far too long.",
+    "The plot goes nowhere, but the actors seem to be having fun.",
+    "I laughed, I cried, I bought the soundtrack.",
+    "An utterly forgettable sequel.",
+    "Not bad at all",
+]
+TARGETS = ["query", "value"]
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    """max |got - ref| / max |ref|, the measure export_onnx reports."""
+    ref64 = np.asarray(ref, np.float64)
+    return float(np.abs(np.asarray(got, np.float64) - ref64).max() / np.abs(ref64).max())
+
+
+def torch_logits(model: nn.Module, enc: dict[str, torch.Tensor]) -> np.ndarray:
+    with torch.no_grad():
+        return model(**enc).logits.numpy()
+
+
+def adapted_classifier(base: nn.Module, seed: int, r: int = 4) -> nn.Module:
+    """A copy of ``base`` with a LoRA adapter on query/value whose A and B are seeded
+    non-zero; the head is scaled so the two logits are well separated (a freshly initialised
+    head gives near-ties, which would make argmax comparisons meaningless)."""
+    model = copy.deepcopy(base)
+    lora_ext.inject_(model, lora_ext.LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_ext.inject.lora_layers(model):
+            for table in (layer.lora_A, layer.lora_B):
+                p = table["default"]
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        model.classifier.weight.mul_(30.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def clf(minilm_classifier):
+    """(adapted model, tokenizer, example inputs [2, seq])."""
+    model = adapted_classifier(minilm_classifier.model, seed=0)
+    tok = minilm_classifier.tokenizer
+    example = dict(tok(SENTENCES[:2], padding=True, return_tensors="pt"))
+    return model, tok, example
+
+
+@pytest.fixture(scope="module")
+def merged(clf, tmp_path_factory):
+    """The merged fp32 export, with a snapshot of the model taken before it."""
+    model, _, example = clf
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m).__name__ for m in model.modules()]
+    path = tmp_path_factory.mktemp("merged") / "model.onnx"
+    report = export_onnx(model, example, path)
+    return report, before, types
+
+
+@pytest.fixture(scope="module")
+def hot(clf, tmp_path_factory):
+    """The hot-swap export of the same model (adapter written next to it)."""
+    model, _, example = clf
+    path = tmp_path_factory.mktemp("hot") / "base.onnx"
+    return export_onnx(model, example, path, merge=False)
+
+
+@pytest.fixture(scope="module")
+def encoded(clf):
+    """Six sentences: another batch size and sequence length than the example."""
+    _, tok, _ = clf
+    return dict(tok(SENTENCES, padding=True, return_tensors="pt"))
+
+
+# -- merged fp32 -----------------------------------------------------------------------
+def test_merged_fp32_matches_pytorch_on_other_shapes(clf, merged, encoded):
+    model, tok, example = clf
+    report, _, _ = merged
+    assert report.max_rel is not None and report.max_rel <= 1e-4
+    shapes = {(c.batch, c.seq) for c in report.checks}
+    assert len(shapes) >= 3 and tuple(example["input_ids"].shape) in shapes
+    # independently of the report: a batch of 6 longer sentences through the runner
+    got = OnnxRunner(report.path, tok, providers=["CPUExecutionProvider"])(SENTENCES)
+    ref = torch_logits(model, encoded)
+    assert got.logits.shape == (6, 2)
+    assert rel_err(got.logits, ref) <= 1e-4
+    assert got.labels == [model.config.id2label[int(i)] for i in ref.argmax(-1)]
+
+
+def test_merged_graph_is_plain_onnx_with_named_dynamic_io(merged):
+    report, _, _ = merged
+    graph = onnx.load(str(report.path))
+    onnx.checker.check_model(graph)
+    assert {n.domain for n in graph.graph.node} <= {""}
+    inputs = {
+        i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.graph.input
+    }
+    assert inputs == {
+        n: ["batch", "sequence"] for n in ("input_ids", "token_type_ids", "attention_mask")
+    }
+    (out,) = graph.graph.output
+    assert out.name == "logits" and out.type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert not any("lora" in i.name for i in graph.graph.initializer)
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["lora_ext.lora"] == "merged" and meta["lora_ext.task"] == "seq-cls"
+
+
+def test_callers_model_is_unchanged(clf, merged):
+    model, _, _ = clf
+    _, before, types = merged
+    assert [type(m).__name__ for m in model.modules()] == types  # still LoraLinear, unmerged
+    assert all(not layer.merged for _, layer in lora_ext.inject.lora_layers(model))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+def test_the_adapter_is_in_the_merged_file(minilm_classifier, clf, merged, encoded):
+    # guards the comparisons above against a no-op adapter: the base model differs clearly
+    report, _, _ = merged
+    base = copy.deepcopy(minilm_classifier.model)
+    with torch.no_grad():
+        base.classifier.weight.mul_(30.0)
+    got = OnnxRunner(report.path, providers=["CPUExecutionProvider"]).run(
+        {k: v.numpy() for k, v in encoded.items()}
+    )
+    assert rel_err(got, torch_logits(base, encoded)) > 1e-2
+
+
+# -- fp16 / int8 ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs,max_size_ratio",
+    [({"dtype": "fp16"}, 0.55), ({"quantize": "int8", "ort_format": True}, 0.29)],
+    ids=["fp16", "int8+ort"],
+)
+def test_fp16_int8_run_and_agree(clf, merged, encoded, tmp_path, kwargs, max_size_ratio):
+    model, tok, example = clf
+    fp32, _, _ = merged
+    report = export_onnx(model, example, tmp_path / "m.onnx", **kwargs)
+    assert report.path.is_file()
+    assert report.size_bytes <= max_size_ratio * fp32.size_bytes
+    feeds = {k: v.numpy() for k, v in encoded.items()}
+    ref = OnnxRunner(fp32.path, providers=["CPUExecutionProvider"]).run(feeds)
+    files = [report.path]
+    if "ort_format" in kwargs:
+        assert report.ort_path is not None and report.ort_path.suffix == ".ort"
+        files.append(report.ort_path)
+    for path in files:
+        got = OnnxRunner(path, providers=["CPUExecutionProvider"]).run(feeds)
+        assert np.isfinite(got).all()
+        err = np.abs(got - ref).max()
+        margin = np.abs(ref[:, 0] - ref[:, 1])
+        # argmax must agree wherever fp32's margin exceeds twice the variant's error
+        decided = margin > 2 * err
+        assert decided.sum() >= 4, f"{path.name}: too few decided sentences for a real check"
+        assert (got.argmax(-1) == ref.argmax(-1))[decided].all(), path.name
+
+
+# -- adapter hot-swap ----------------------------------------------------------------------
+def test_hot_swap_equals_merged_export(clf, merged, hot, encoded):
+    _, tok, _ = clf
+    assert hot.adapter_path is not None and hot.adapter_path.suffix == ".onnx_adapter"
+    assert len(hot.lora_inputs) == 2 * 6 * len(TARGETS)
+    runner = OnnxRunner(hot.path, tok, providers=["CPUExecutionProvider"], adapter=hot.adapter_path)
+    merged_out = OnnxRunner(merged[0].path, tok, providers=["CPUExecutionProvider"])(SENTENCES)
+    assert rel_err(runner(SENTENCES).logits, merged_out.logits) <= 1e-4
+
+
+def test_hot_swap_inputs_follow_ort_naming_and_default_to_base(
+    minilm_classifier, clf, hot, encoded
+):
+    graph = onnx.load(str(hot.path))
+    inits = {i.name: list(i.dims) for i in graph.graph.initializer}
+    name_a = "bert.encoder.layer.0.attention.self.query.lora_A.weight"
+    name_b = "bert.encoder.layer.0.attention.self.query.lora_B.weight"
+    shapes = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in graph.graph.input
+    }
+    assert shapes[name_a] == [384, "lora_r"] and shapes[name_b] == ["lora_r", 384]
+    assert inits[name_a] == [384, 0] and inits[name_b] == [0, 384]  # rank-0 defaults
+    # no adapter fed: the base model
+    base = copy.deepcopy(minilm_classifier.model)
+    with torch.no_grad():
+        base.classifier.weight.mul_(30.0)
+    runner = OnnxRunner(hot.path, providers=["CPUExecutionProvider"])
+    got = runner.run({k: v.numpy() for k, v in encoded.items()})
+    assert rel_err(got, torch_logits(base, encoded)) <= 1e-4
+
+
+def test_hot_swap_serves_another_adapter_of_another_rank(
+    minilm_classifier, clf, hot, encoded, tmp_path
+):
+    _, tok, _ = clf
+    other = adapted_classifier(minilm_classifier.model, seed=1, r=8)
+    path = save_onnx_adapter(other, tmp_path / "other.onnx_adapter")
+    tensors = read_onnx_adapter(path)
+    assert tensors["bert.encoder.layer.0.attention.self.value.lora_A.weight"].shape == (384, 8)
+    runner = OnnxRunner(hot.path, tok, providers=["CPUExecutionProvider"], adapter=path)
+    assert rel_err(runner(SENTENCES).logits, torch_logits(other, encoded)) <= 1e-4
+    runner.set_adapter(hot.adapter_path)  # swap back without reloading the model
+    first = torch_logits(clf[0], encoded)
+    assert rel_err(runner(SENTENCES).logits, first) <= 1e-4
+
+
+def test_runner_rejects_an_adapter_for_other_layers(minilm_classifier, hot, tmp_path):
+    model = copy.deepcopy(minilm_classifier.model)
+    lora_ext.inject_(model, lora_ext.LoraConfig(r=2, target_modules=["key"]))
+    path = save_onnx_adapter(model, tmp_path / "key.onnx_adapter")
+    with pytest.raises(
+        ValueError,
+        match=r"'bert\.encoder\.layer\.0\.attention\.self\.key\.lora_A\.weight', which is not a LoRA input",
+    ):
+        OnnxRunner(hot.path, providers=["CPUExecutionProvider"], adapter=path)
+
+
+# -- atomic write and bad input ----------------------------------------------------------
+def test_failed_verify_leaves_no_file_and_keeps_an_earlier_one(clf, tmp_path):
+    model, _, example = clf
+    earlier = tmp_path / "kept.onnx"
+    earlier.write_bytes(b"earlier export")
+    fresh = tmp_path / "fresh.onnx"
+    for path in (earlier, fresh):
+        # int8 is ~1e-2 off fp32: a 1e-6 tolerance must fail, saying by how much
+        with pytest.raises(
+            VerificationError, match=r"max relative error \d\.\d+e-0[1-4] .* > tolerance 1\.0e-06"
+        ):
+            export_onnx(model, example, path, quantize="int8", tolerance=1e-6)
+    assert earlier.read_bytes() == b"earlier export"
+    assert not fresh.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.onnx"]  # no temp files left
+
+
+@pytest.mark.parametrize("case", ["missing", "not-a-dir", "read-only"])
+def test_bad_output_dir_fails_before_any_work(clf, tmp_path, case):
+    model, _, example = clf
+    if case == "missing":
+        path, error = tmp_path / "nope" / "m.onnx", FileNotFoundError
+    elif case == "not-a-dir":
+        (tmp_path / "file").write_text("x")
+        path, error = tmp_path / "file" / "m.onnx", NotADirectoryError
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        path, error = ro / "m.onnx", PermissionError
+    progress: list[str] = []
+    with pytest.raises(error, match=str(path.parent)):
+        export_onnx(model, example, path, log=progress.append)
+    assert progress == []  # nothing was copied, traced or exported
+
+
+class _Twice(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.lora_ext_test.twice(x)
+
+
+@torch.library.custom_op("lora_ext_test::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_unsupported_module_is_named(clf, tmp_path):
+    model, _, example = clf
+    model = copy.deepcopy(model)
+    model.bert.encoder.layer[1].intermediate.intermediate_act_fn = _Twice()
+    with pytest.raises(
+        UnsupportedModuleError,
+        match=r"'bert\.encoder\.layer\.1\.intermediate\.intermediate_act_fn' \(_Twice\) calls lora_ext_test::twice",
+    ):
+        export_onnx(model, example, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hot_swap_needs_lora_layers(minilm_classifier, tmp_path):
+    with pytest.raises(ValueError, match="merge=False: the model has no LoRA layers"):
+        export_onnx(
+            minilm_classifier.model, minilm_classifier.inputs, tmp_path / "m.onnx", merge=False
+        )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dtype": "bf16"}, "dtype: got 'bf16'"),
+        ({"quantize": "int4"}, "quantize: got 'int4'"),
+        ({"dtype": "fp16", "quantize": "int8"}, "needs dtype='fp32'"),
+    ],
+)
+def test_bad_arguments_are_named(minilm_classifier, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        export_onnx(
+            minilm_classifier.model, minilm_classifier.inputs, tmp_path / "m.onnx", **kwargs
+        )
+
+
+def test_external_data_plain_model(minilm_classifier, tmp_path):
+    report = export_onnx(
+        minilm_classifier.model,
+        minilm_classifier.inputs,
+        tmp_path / "base.onnx",
+        external_data=True,
+    )
+    assert report.external_data and report.max_rel <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.onnx", "base.onnx.data"]
+    assert (tmp_path / "base.onnx").stat().st_size < 1_000_000  # weights are in the .data file
+
+
+# -- SmolLM2 causal LM -------------------------------------------------------------------
+def _truncated_smollm2(smollm2, layers: int) -> nn.Module:
+    model = copy.deepcopy(smollm2.model)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    return model.eval()
+
+
+def test_smollm2_one_layer_causal_lm_logits(smollm2, tmp_path):
+    """SmolLM2's real weights, first decoder layer only (keeps the test fast): merged LoRA on
+    q/v, logits [batch, seq, vocab] with dynamic batch and sequence."""
+    model = _truncated_smollm2(smollm2, 1)
+    lora_ext.inject_(model, lora_ext.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora_ext.inject.lora_layers(model):
+            layer.lora_B["default"].copy_(
+                torch.randn(layer.lora_B["default"].shape, generator=g) * 0.05
+            )
+    tok = smollm2.tokenizer
+    example = dict(tok(["The capital of France is", "Hi"], padding=True, return_tensors="pt"))
+    report = export_onnx(model, example, tmp_path / "lm.onnx")
+    assert report.max_rel <= 1e-4
+    graph = onnx.load(str(report.path), load_external_data=False)
+    (out,) = graph.graph.output
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == [
+        "batch",
+        "sequence",
+        model.config.vocab_size,
+    ]
+    runner = OnnxRunner(report.path, tok, providers=["CPUExecutionProvider"])
+    enc = dict(tok(["Once upon a time there was", "A"], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        ref = model(**enc, use_cache=False).logits.numpy()
+    got = runner(["Once upon a time there was", "A"])
+    assert rel_err(got.logits, ref) <= 1e-4
+    last = enc["attention_mask"].sum(1) - 1
+    assert got.labels == [int(ref[i, last[i]].argmax()) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_smollm2_full_causal_lm_export(smollm2, tmp_path):
+    tok = smollm2.tokenizer
+    example = dict(tok(["The capital of France is", "Hi"], padding=True, return_tensors="pt"))
+    report = export_onnx(smollm2.model, example, tmp_path / "lm.onnx", verify_shapes=[(1, 7)])
+    assert report.max_rel <= 1e-4
+    runner = OnnxRunner(report.path, tok, providers=["CPUExecutionProvider"])
+    assert "Paris" in runner.generate("The capital of France is", max_new_tokens=4)
+
+
+# -- CLI ---------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-ext")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_cli_export_and_infer(clf, tmp_path, capsys):
+    model, tok, _ = clf
+    adapter = lora_ext.save_adapter(model, tmp_path / "adapter")
+    # the head is part of what the adapter changes: keep it with the model dir instead
+    model_dir = tmp_path / "base"
+    base = copy.deepcopy(model)
+    for name, layer in lora_ext.inject.lora_layers(base):
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent), child, layer.base_layer)
+    base.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "onnx" / "model.onnx"
+    out.parent.mkdir()
+    args = _parser().parse_args(
+        ["export", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(out)]
+    )
+    assert args.func(args) == 0
+    table = capsys.readouterr().out
+    assert "verify vs PyTorch" in table and "merged LoRA layers: 12" in table
+    args = _parser().parse_args(["infer", "--onnx", str(out), *SENTENCES[:3]])
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    ref = torch_logits(model, dict(tok(SENTENCES[:3], padding=True, return_tensors="pt")))
+    assert [line.split()[-2] for line in lines] == [
+        model.config.id2label[int(i)] for i in ref.argmax(-1)
+    ]
+
+
+def test_cli_export_bad_out_dir_fails_fast(tmp_path, capsys):
+    args = _parser().parse_args(
+        ["export", "--model", "minilm", "--out", str(tmp_path / "x" / "m.onnx")]
+    )
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert "--out: the directory" in err and "loading" not in err

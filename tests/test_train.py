@@ -1,0 +1,309 @@
+"""lora_ext.train and the lora-ext CLI: end to end (train, resume, export, infer), exact
+resume, bad input refused before any training, Ctrl-C, and what trains.
+
+Runs are tiny (MiniLM on 64 Rotten Tomatoes snippets, a few steps of batch 4) so the module
+takes well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_ext import cli
+from lora_ext import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--model", "minilm", "--data", "rotten-tomatoes", "--max-train", "64", "--max-val", "16",
+    "--batch-size", "4", "--max-length", "24", "--r", "4", "--alpha", "8",
+    "--targets", "query,value", "--lr", "5e-3", "--eval-every", "2", "--save-every", "2",
+    "--no-progress", "--threads", "1",
+]  # fmt: skip
+
+
+def _train(out: Path, *extra: str) -> int:
+    return cli.main(["train", *TINY, "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    """4 uninterrupted steps with --export (LoRA dropout 0.05 and BERT's own dropout active,
+    so the resume test below also covers the RNG state)."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    assert _train(out, "--steps", "4", "--export") == 0
+    return out
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_outputs_of_a_run(full_run):
+    run = json.loads((full_run / "run.json").read_text())
+    assert run["status"] == "done" and run["task"] == "seq-cls"
+    assert run["classes"] == ["rotten", "fresh"] and run["head"] == "classifier"
+    assert run["config"]["steps"] == 4 and run["split"]["n_train"] == 64
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert all(math.isfinite(h["loss"]) and h["tokens"] > 0 for h in metrics["history"])
+    assert [e["step"] for e in metrics["evals"]] == [2, 4]
+    assert 0.0 <= metrics["final"]["accuracy"] <= 1.0 and metrics["final"]["n"] == 16
+    # warm-up then cosine: lr rises over the first 10% and ends below its peak
+    lrs = [h["lr"] for h in metrics["history"]]
+    assert max(lrs) <= 5e-3 and lrs[-1] < max(lrs)
+    assert (full_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (full_run / "checkpoints" / "latest").read_text().strip() == "step-0000004"
+    # PEFT's layout: LoRA tensors of the 12 adapted layers + the classifier head
+    config = json.loads((full_run / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
+    keys = set(_adapter(full_run))
+    assert len([k for k in keys if ".lora_A." in k]) == 12
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+    assert all(".lora_" in k or ".classifier." in k for k in keys)  # nothing else trained
+
+
+def test_only_lora_and_head_change(full_run):
+    """A fresh base model + the saved adapter reproduces the final validation metrics, and
+    PEFT loads the same adapter (head included) to the same logits."""
+    from peft import PeftModel
+
+    from lora_ext import data as D
+    from lora_ext import models
+
+    cfg = T.TrainConfig(out="", max_train=64, max_val=16)
+    split, _ = T.prepare_data(cfg)
+    ours, tok = models.load_minilm_classifier(2, seed=99)  # a different head init
+    T.load_trained_adapter(ours, full_run / "adapter")
+    enc = D.encode_classification(split.val, tok, 24)
+    result = T.evaluate(
+        ours,
+        enc,
+        T.Task("seq-cls", ["rotten", "fresh"], "classifier"),
+        torch.device("cpu"),
+        T.Dist(),
+        64,
+        None,
+    )
+    final = json.loads((full_run / "metrics.json").read_text())["final"]
+    assert result["accuracy"] == final["accuracy"]
+    assert result["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    peft_model = PeftModel.from_pretrained(
+        models.load_minilm_classifier(2, seed=7)[0], full_run / "adapter"
+    ).eval()
+    batch = D.collate(enc, range(8))
+    feed = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours.eval()(**feed).logits, peft_model(**feed).logits, rtol=1e-5, atol=1e-6
+        )
+
+
+def test_resume_equals_uninterrupted_run(full_run, tmp_path):
+    part = tmp_path / "part"
+    assert _train(part, "--steps", "4", "--stop-at", "2", "--export") == 0
+    assert not (part / "adapter").exists()
+    assert (part / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    assert "stopped" in json.loads((part / "run.json").read_text())["status"]
+    # --export and --stop-at are run controls: they may differ on --resume
+    assert _train(part, "--steps", "4", "--resume") == 0
+    a, b = _adapter(full_run), _adapter(part)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _losses(part) == _losses(full_run)
+
+
+def _losses(out: Path) -> list[float]:
+    return [h["loss"] for h in json.loads((out / "metrics.json").read_text())["history"]]
+
+
+def test_export_and_infer(full_run, tmp_path, capsys):
+    """--export wrote merged fp32/int8 files that agree with PyTorch; `lora-ext export`
+    from the adapter gives the same fp32 graph outputs; `lora-ext infer` labels text."""
+    import numpy as np
+    from lora_ext.export import OnnxRunner
+
+    onnx_dir = full_run / "onnx"
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert metrics["export"]["fp32"]["max_rel"] < 1e-4
+    assert (onnx_dir / "model.int8.onnx").stat().st_size * 3 < (
+        onnx_dir / "model.onnx"
+    ).stat().st_size
+
+    again = tmp_path / "again.onnx"
+    assert (
+        cli.main(
+            [
+                "export",
+                "--model",
+                "minilm",
+                "--adapter",
+                str(full_run / "adapter"),
+                "--out",
+                str(again),
+            ]
+        )
+        == 0
+    )
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(onnx_dir)
+    texts = ["a tender, funny and wise film", "a tedious mess from start to finish"]
+    a = OnnxRunner(onnx_dir / "model.onnx", tok)(texts)
+    b = OnnxRunner(again, tok)(texts)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+    assert set(a.labels) <= {"rotten", "fresh"}
+
+    capsys.readouterr()
+    assert (
+        cli.main(
+            ["infer", "--onnx", str(onnx_dir / "model.onnx"), "--tokenizer", str(onnx_dir), *texts]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert all(label in printed for label in a.labels)
+
+
+def _csv(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+GOOD_ROWS = "".join(f"text {i},{'pos' if i % 2 else 'neg'}\n" for i in range(40))
+BAD_INPUT = [
+    # (id, extra args (placeholders filled by the test), words the error must contain)
+    ("missing-file", ["--data", "{tmp}/nope.csv"], ["nope.csv", "does not exist"]),
+    ("missing-column", ["--data", "{cols}"], ["missing column", "'label'"]),
+    ("bad-row", ["--data", "{badrow}"], ["row 3", "fields"]),
+    ("label-outside-classes", ["--data", "{good}", "--classes", "neg,neutral"], ["'pos'", "declared classes"]),
+    ("empty-split", ["--data", "{tiny}", "--val-fraction", "0.1"], ["validation split is empty"]),
+    ("targets-nothing", ["--targets", "querry"], ["--targets", "'querry'", "query"]),
+    ("smollm2-on-labels", ["--model", "smollm2"], ["causal LM", "labelled"]),
+    ("bad-rank", ["--r", "0"], ["--r", "got 0"]),
+    ("batch-too-big", ["--data", "{good}", "--batch-size", "64"], ["--batch-size", "64"]),
+    ("resume-and-overwrite", ["--resume", "--overwrite"], ["--resume and --overwrite"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,args,words", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_fails_before_training(tmp_path, capsys, case, args, words):
+    files = {
+        "tmp": str(tmp_path),
+        "cols": _csv(tmp_path, "cols.csv", "text,stars\nx,1\n"),
+        "badrow": _csv(tmp_path, "badrow.csv", "text,label\nok,pos\nbroken\n"),
+        "good": _csv(tmp_path, "good.csv", "text,label\n" + GOOD_ROWS),
+        "tiny": _csv(tmp_path, "tiny.csv", "text,label\na,x\nb,y\nc,x\n"),
+    }
+    out = tmp_path / "out"
+    argv = [a.format(**files) for a in args]
+    capsys.readouterr()
+    assert _train(out, "--steps", "2", *argv) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (word, err)
+    assert not out.exists()  # refused before anything was written
+
+
+def test_out_holding_another_run_is_refused(full_run, capsys):
+    before = (full_run / "run.json").read_text()
+    cases = [
+        (["--steps", "5"], ["different run", "steps: 4 -> 5", "--resume", "--overwrite"]),
+        (["--steps", "4"], ["a run with this configuration", "--resume"]),
+        (["--steps", "5", "--resume"], ["different configuration", "steps: 4 -> 5"]),
+    ]
+    for extra, words in cases:
+        capsys.readouterr()
+        assert _train(full_run, *extra) == 2
+        err = capsys.readouterr().err
+        for word in words:
+            assert word in err, (word, err)
+    assert (full_run / "run.json").read_text() == before
+    # a directory with other files is not a run: refused without --overwrite
+    other = full_run.parent / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert _train(other, "--steps", "1") == 2
+    assert "holds no lora-ext run" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_our_files(tmp_path):
+    out = tmp_path / "o"
+    assert _train(out, "--steps", "2") == 0
+    (out / "notes.txt").write_text("keep me")
+    assert _train(out, "--steps", "1", "--overwrite") == 0
+    assert json.loads((out / "run.json").read_text())["config"]["steps"] == 1
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000001"
+    assert not (out / "checkpoints" / "step-0000002").exists()
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    ckpt = tmp_path / "ck"
+    for step in (1, 2, 3):
+        T.save_checkpoint(
+            ckpt, step, {"format": T.CHECKPOINT_FORMAT, "step": step, "x": torch.randn(3)}, keep=2
+        )
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-0000002", "step-0000003"]
+    # a write killed halfway leaves a temporary directory that is never taken for a checkpoint
+    (ckpt / ".tmp-step-0000004-1").mkdir()
+    (ckpt / ".tmp-step-0000004-1" / "state.pt").write_bytes(b"partial")
+    assert T.find_checkpoint(ckpt).parent.name == "step-0000003"
+    # a `latest` naming a missing directory falls back to the newest whole checkpoint
+    (ckpt / "latest").write_text("step-0000009\n")
+    assert T.find_checkpoint(ckpt).parent.name == "step-0000003"
+    assert T.load_checkpoint(T.find_checkpoint(ckpt))["step"] == 3
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = T.TrainConfig(out="", steps=100, warmup_ratio=0.1, min_lr_ratio=0.1)
+    f = T.lr_lambda(cfg)
+    warm = [f(s) for s in range(10)]
+    assert warm == sorted(warm) and warm[0] > 0 and f(10) == pytest.approx(1.0)
+    decay = [f(s) for s in range(10, 101)]
+    assert decay == sorted(decay, reverse=True)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert f(100) == pytest.approx(0.1)
+
+
+def test_ctrl_c_leaves_a_whole_resumable_checkpoint(tmp_path):
+    """SIGINT mid-run: the run checkpoints the last whole step and exits 130; --resume
+    continues from it."""
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "lora_ext.train", *TINY, "--steps", "500", "--out", str(out)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "latest").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted after step" in err and "--resume" in err
+    path = T.find_checkpoint(out / "checkpoints")
+    state = T.load_checkpoint(path)
+    step = state["step"]
+    assert 2 <= step < 500 and len(state["history"]) == step
+    assert f"interrupted at step {step}" in json.loads((out / "run.json").read_text())["status"]
+    assert _train(out, "--steps", "500", "--resume", "--stop-at", str(step + 1)) == 0
+    assert T.load_checkpoint(T.find_checkpoint(out / "checkpoints"))["step"] == step + 1
