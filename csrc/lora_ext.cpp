@@ -38,8 +38,9 @@ TORCH_LIBRARY(lora_ext, m) {
   // everywhere and turn no finite weight into inf/nan. Reads weight, writes nothing.
   m.def("merge_check(Tensor weight, Tensor lora_a, Tensor lora_b, float scale) -> Tensor");
   // The dropout keep-mask (bool, like's shape, like's device) that lora_linear uses for x of
-  // that shape: for tests and for checking CPU/GPU agreement.
-  m.def("dropout_mask(Tensor like, Tensor seed, float dropout_p) -> Tensor");
+  // that shape, for flat indices offset .. offset + like.numel() - 1: for tests (including
+  // indices past 2^32 without a 4 GB tensor) and for checking CPU/GPU agreement.
+  m.def("dropout_mask(Tensor like, Tensor seed, float dropout_p, int offset=0) -> Tensor");
 }
 
 namespace {

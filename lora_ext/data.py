@@ -489,27 +489,60 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def global_batch_indices(n: int, batch_size: int, seed: int, index: int) -> list[int]:
+def global_batch_indices(
+    n: int,
+    batch_size: int,
+    seed: int,
+    index: int,
+    lengths: Sequence[int] | None = None,
+) -> list[int]:
     """Example indices of global micro-batch number ``index`` (0-based) over an endless
     stream of seeded epochs. Each epoch is cut into ``n // batch_size`` full batches (the
-    remainder is dropped: equal batches keep DDP's gradient average exact)."""
+    remainder is dropped: equal batches keep DDP's gradient average exact).
+
+    Args:
+        lengths: token count per example. When given, batches are grouped by length (as
+            transformers' ``group_by_length``): each run of ``GROUP_BATCHES`` batches of the
+            shuffled order is sorted by length before it is cut, and the batches are then
+            shuffled, so a batch pads to little more than its own rows while every epoch
+            still visits each example once in a seeded random order.
+    """
     per_epoch = n // batch_size
     if per_epoch == 0:
         raise DataError(f"batch_size: got {batch_size}, more than the {n} training examples")
     epoch, k = divmod(index, per_epoch)
-    order = _cached_order(n, seed, epoch)
-    return order[k * batch_size : (k + 1) * batch_size]
+    return _cached_batches(n, batch_size, seed, epoch, lengths)[k]
 
 
-_ORDER_CACHE: dict[tuple[int, int, int], list[int]] = {}
+GROUP_BATCHES = 50
+_BATCH_CACHE: dict[tuple[Any, ...], list[list[int]]] = {}
 
 
-def _cached_order(n: int, seed: int, epoch: int) -> list[int]:
-    key = (n, seed, epoch)
-    if key not in _ORDER_CACHE:
-        _ORDER_CACHE.clear()  # one epoch at a time is enough
-        _ORDER_CACHE[key] = epoch_order(n, seed, epoch)
-    return _ORDER_CACHE[key]
+def _cached_batches(
+    n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None
+) -> list[list[int]]:
+    key = (n, batch_size, seed, epoch, None if lengths is None else hash(tuple(lengths)))
+    if key not in _BATCH_CACHE:
+        _BATCH_CACHE.clear()  # one epoch at a time is enough
+        _BATCH_CACHE[key] = epoch_batches(n, batch_size, seed, epoch, lengths)
+    return _BATCH_CACHE[key]
+
+
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
+    """All full batches of one epoch (see :func:`global_batch_indices`)."""
+    order = epoch_order(n, seed, epoch)[: (n // batch_size) * batch_size]
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    group = GROUP_BATCHES * batch_size
+    batches = []
+    for start in range(0, len(order), group):
+        # stable sort, longest first: ties keep the shuffled order
+        chunk = sorted(order[start : start + group], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009)
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:

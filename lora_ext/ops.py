@@ -155,10 +155,20 @@ def merge_(
     return weight
 
 
-def dropout_mask(like: Tensor, seed: int | Tensor, dropout_p: float) -> Tensor:
-    """The keep-mask lora_linear uses for an x of ``like``'s shape: bool, like's shape/device."""
+def dropout_mask(like: Tensor, seed: int | Tensor, dropout_p: float, offset: int = 0) -> Tensor:
+    """The keep-mask (True = kept) lora_linear uses for an x of ``like``'s shape.
+
+    Args:
+        like: any tensor; the mask gets its shape and device.
+        seed: the seed given to lora_linear.
+        dropout_p: drop probability in [0, 1).
+        offset: flat index of the first element (the mask of a slice of a larger x).
+
+    Returns:
+        bool tensor of ``like.shape`` on ``like.device``.
+    """
     _check_scale_p(1.0, dropout_p)
-    return _ops.dropout_mask.default(like, make_seed(seed), float(dropout_p))
+    return _ops.dropout_mask.default(like, make_seed(seed), float(dropout_p), int(offset))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +223,7 @@ def _merge_check_fake(weight, lora_a, lora_b, scale):
 
 
 @torch.library.register_fake("lora_ext::dropout_mask")
-def _dropout_mask_fake(like, seed, dropout_p):
+def _dropout_mask_fake(like, seed, dropout_p, offset=0):
     return like.new_empty(like.shape, dtype=torch.bool)
 
 

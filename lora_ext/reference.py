@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dropout_mask", "keep_threshold", "lora_linear", "merge", "merge_naive"]
+__all__ = ["dropout_mask", "error_bound", "keep_threshold", "lora_linear", "merge", "merge_naive"]
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -43,11 +43,16 @@ def keep_threshold(p: float) -> int:
 
 
 def dropout_mask(
-    shape: Sequence[int], seed: int | Tensor, p: float, device: torch.device | str | None = None
+    shape: Sequence[int],
+    seed: int | Tensor,
+    p: float,
+    device: torch.device | str | None = None,
+    offset: int = 0,
 ) -> Tensor:
     """The keep-mask of lora_linear for an x of ``shape`` (bool, True = kept).
 
-    A pure function of (seed, flat index of x as a contiguous tensor), identical to csrc/rng.h.
+    A pure function of (seed, flat index of x as a contiguous tensor), identical to csrc/rng.h;
+    ``offset`` is the flat index of the first element.
     """
     n = math.prod(shape)
     if p == 0.0:
@@ -55,7 +60,7 @@ def dropout_mask(
     seed = int(seed.item()) if isinstance(seed, Tensor) else int(seed)
     z = _splitmix64(seed & _M64)
     k0, k1 = z & _M32, z >> 32
-    idx = torch.arange(n, dtype=torch.int64, device=device)
+    idx = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     lo, hi = idx & _M32, idx >> 32
     khi = ((hi * 0x9E3779B9) & _M32) ^ k1
     h = _lowbias32(_lowbias32(lo ^ k0) ^ khi)
@@ -103,3 +108,23 @@ def merge(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tenso
 def merge_naive(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
     """What plain PyTorch does in weight's dtype (the PEFT way): ``weight + scale * (B @ A)``."""
     return weight + scale * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype))
+
+
+def error_bound(ours: Tensor, same_dtype: Tensor, exact: Tensor) -> tuple[float, float]:
+    """The accuracy rule of the tests: our error at most 2x plain PyTorch's, both vs float64.
+
+    Args:
+        ours: result of the compiled op, in the op's dtype.
+        same_dtype: the same computation with plain PyTorch ops in the op's dtype.
+        exact: the same computation in float64 (same inputs, upcast).
+
+    Returns:
+        (our max abs error, allowed max abs error). The allowance is 2x PyTorch's max error,
+        plus one unit in the last place of the largest exact value (so that a PyTorch error of
+        exactly 0 on a tiny problem does not demand bit-exactness).
+    """
+    exact = exact.double()
+    err = (ours.double() - exact).abs().max().item() if ours.numel() else 0.0
+    err_torch = (same_dtype.double() - exact).abs().max().item() if ours.numel() else 0.0
+    ulp = torch.finfo(ours.dtype).eps * (exact.abs().max().item() if ours.numel() else 0.0)
+    return err, 2.0 * err_torch + ulp

@@ -109,6 +109,7 @@ class TrainConfig:
     max_train: int | None = None
     max_val: int | None = None
     max_length: int = 128
+    group_by_length: bool = True
     # LoRA
     r: int = 8
     alpha: float = 16.0
@@ -948,6 +949,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.manual_seed(cfg.seed * 7919 + 17 + dist.rank)  # dropout streams, per rank
 
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    # Length-grouped batches pad less (classification; causal-LM blocks are all full).
+    lengths = (
+        [len(x) for x in train_enc.input_ids]
+        if cfg.group_by_length and task.kind == "seq-cls"
+        else None
+    )
 
     def checkpoint_state(step: int) -> dict[str, Any]:
         rngs = [None] * dist.world_size
@@ -994,7 +1001,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             tokens = 0
             for micro in range(cfg.grad_accum):
                 index = step * cfg.grad_accum + micro
-                global_idx = D.global_batch_indices(len(train_enc), cfg.batch_size, cfg.seed, index)
+                global_idx = D.global_batch_indices(
+                    len(train_enc), cfg.batch_size, cfg.seed, index, lengths
+                )
                 batch = D.collate(train_enc, D.shard(global_idx, dist.rank, dist.world_size))
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 sync = micro == cfg.grad_accum - 1 or not dist.enabled
@@ -1238,6 +1247,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=_csv_list,
         default=None,
         help="declared class names, comma-separated (label i = i-th)",
+    )
+    g.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="batches in plain random order (default: grouped by length, less padding)",
     )
     g.add_argument("--val-fraction", type=float, default=d.val_fraction)
     g.add_argument(

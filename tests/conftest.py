@@ -118,7 +118,8 @@ def gpt2() -> RealModel:
     )
 
 
-REAL_MODELS = ("minilm", "smollm2", "gpt2")
+# SmolLM2 takes ~10 s to load (GGUF dequantisation) and a few seconds per test: marked slow
+REAL_MODELS = ("minilm", pytest.param("smollm2", marks=pytest.mark.slow), "gpt2")
 
 
 @pytest.fixture(params=REAL_MODELS)

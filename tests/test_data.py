@@ -199,3 +199,24 @@ def test_batch_order_is_a_function_of_seed_and_index():
     assert data.shard([1, 2, 3, 4], 1, 2) == [3, 4]
     with pytest.raises(DataError, match="batch_size"):
         data.global_batch_indices(2, 3, 0, 0)
+
+
+def test_length_grouped_batches_cover_each_epoch_and_pad_less():
+    n, b = 1000, 8
+    lengths = [(i * 7919) % 61 + 3 for i in range(n)]  # a spread of lengths
+    per_epoch = n // b
+    grouped = [data.global_batch_indices(n, b, 3, k, lengths) for k in range(2 * per_epoch)]
+    plain = [data.global_batch_indices(n, b, 3, k) for k in range(per_epoch)]
+    for epoch in (grouped[:per_epoch], grouped[per_epoch:]):
+        assert sorted(sum(epoch, [])) == sorted(sum(plain, []))  # same examples, once each
+    assert grouped[:per_epoch] != grouped[per_epoch:]
+
+    def padded(batches):
+        return sum(len(x) * max(lengths[i] for i in x) for x in batches)
+
+    assert padded(grouped[:per_epoch]) < 0.7 * padded(plain)
+    # batches are shuffled, not served longest first
+    firsts = [max(lengths[i] for i in x) for x in grouped[:10]]
+    assert firsts != sorted(firsts, reverse=True)
+    # random access equals walking the stream (what --resume relies on)
+    assert data.global_batch_indices(n, b, 3, per_epoch + 5, lengths) == grouped[per_epoch + 5]

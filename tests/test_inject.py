@@ -13,8 +13,10 @@ import lora_ext
 from lora_ext import LoraConfig, LoraLinear
 from lora_ext.inject import adapter_configs, lora_layers
 
-# float32 on CPU: ours and PEFT compute the same products in a different order (fused op vs
-# base + lora_B(lora_A(x))); the differences are a few ulps per layer, compounded over depth.
+# float32. Against PEFT with the same A and B: the same products (on CPU today the outputs are
+# bit-identical); 1e-5 leaves room for another BLAS's summation order. Merged against unmerged:
+# W + s B A is rounded to float32 once, then multiplied: a few ulps per layer over depth.
+PEFT_TOL = {"rtol": 1e-5, "atol": 1e-5}
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
@@ -30,7 +32,7 @@ def test_matches_peft_forward_and_grads(real_model, randomize, peft_twin, peft_m
     y_peft = real_model.run(twin)
     y_base = real_model.run(real_model.model)
     assert (y - y_base).abs().max() > 1e-3  # the adapters do change the output
-    torch.testing.assert_close(y, y_peft, **TOL)
+    torch.testing.assert_close(y, y_peft, **PEFT_TOL)
 
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
     (y * g).sum().backward()
@@ -45,7 +47,7 @@ def test_matches_peft_forward_and_grads(real_model, randomize, peft_twin, peft_m
                 continue
             scale = theirs_p.grad.abs().max().item() + 1e-12
             torch.testing.assert_close(
-                ours_p.grad / scale, theirs_p.grad / scale, rtol=1e-3, atol=1e-4
+                ours_p.grad / scale, theirs_p.grad / scale, rtol=1e-4, atol=1e-5
             )
 
 
@@ -110,7 +112,7 @@ def test_rslora_matches_peft(gpt2, randomize, peft_twin):
     model = lora_ext.inject_(gpt2.fresh(), cfg)
     randomize(model)
     assert lora_layers(model)[0][1].scaling["default"] == pytest.approx(1.0)
-    torch.testing.assert_close(gpt2.run(model), gpt2.run(peft_twin(gpt2.model, model)), **TOL)
+    torch.testing.assert_close(gpt2.run(model), gpt2.run(peft_twin(gpt2.model, model)), **PEFT_TOL)
 
 
 @pytest.mark.parametrize("init", ["kaiming", "gaussian", "pissa"])
@@ -207,7 +209,7 @@ def test_several_adapters_match_peft(gpt2, randomize, peft_twin):
     for active in ("one", "two", ["one", "two"]):
         lora_ext.set_adapter(model, active)
         twin.base_model.set_adapter(active)
-        torch.testing.assert_close(gpt2.run(model), gpt2.run(twin), **TOL)
+        torch.testing.assert_close(gpt2.run(model), gpt2.run(twin), **PEFT_TOL)
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         assert trainable == {id(p) for p in lora_ext.lora_parameters(model)}
     # several active adapters merge to the same function

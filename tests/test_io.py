@@ -13,7 +13,8 @@ import lora_ext
 from lora_ext import LoraConfig
 from lora_ext.inject import adapter_configs, lora_layers
 
-TOL = {"rtol": 1e-4, "atol": 1e-4}
+# same A, B and products as PEFT: equal up to summation order (see test_inject.py)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def peft_model(base, **kwargs):

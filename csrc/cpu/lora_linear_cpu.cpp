@@ -186,8 +186,10 @@ struct CpuKernels {
   }
 };
 
-at::Tensor dropout_mask_cpu(const at::Tensor& like, const at::Tensor& seed, double dropout_p) {
+at::Tensor dropout_mask_cpu(const at::Tensor& like, const at::Tensor& seed, double dropout_p,
+                            int64_t offset) {
   check_dropout_p(dropout_p);
+  LORA_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
   const Dropout drop = make_dropout(dropout_p, seed);
   at::Tensor mask = at::empty(like.sizes(), like.options().dtype(at::kBool));
   uint8_t* mp = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
@@ -197,7 +199,7 @@ at::Tensor dropout_mask_cpu(const at::Tensor& like, const at::Tensor& seed, doub
     return mask;
   }
   at::parallel_for(0, numel, 1 << 14, [&](int64_t b, int64_t e) {
-    keep_flags(drop.key, static_cast<uint64_t>(b), e - b, mp + b);
+    keep_flags(drop.key, static_cast<uint64_t>(offset + b), e - b, mp + b);
   });
   return mask;
 }
