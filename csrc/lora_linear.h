@@ -1,17 +1,15 @@
-// Device-independent orchestration of the fused LoRA linear op. The big GEMMs go through ATen
-// (MKL/oneDNN on the CPU, cuBLAS on the GPU); only the parts with dropout differ per device and
-// come from a `Kernels` policy (csrc/cpu/lora_linear_cpu.cpp, csrc/cuda/lora_linear_cuda.cu):
+// Device-independent orchestration of the fused LoRA linear op. The two big GEMMs (x W^T in
+// forward, dY W in backward) go through ATen (MKL/oneDNN on the CPU, cuBLAS on the GPU); the
+// LoRA branch comes from a `Kernels` policy (csrc/cpu/lora_linear_cpu.cpp,
+// csrc/cuda/lora_linear_cuda.cu):
 //
-//   static at::Tensor masked_xa(const at::Tensor& x2, const at::Tensor& lora_a,
-//                               const Dropout& drop);
-//       drop(x2) @ lora_a^T  ->  [n, r], without keeping drop(x2)
-//   static void masked_backward(const at::Tensor& x2, const at::Tensor& g, double g_scale,
-//                               const at::Tensor& lora_a, const Dropout& drop,
-//                               at::Tensor* grad_x, at::Tensor* grad_a);
-//       grad_x += g_scale * mask * (g @ lora_a) / (1 - p)   (grad_x already holds dY @ W)
-//       grad_a  = g_scale * g^T @ drop(x2)
+//   static std::tuple<at::Tensor, at::Tensor> lora_forward(x2, bias, lora_a, lora_b, scale, drop);
+//       xa = drop(x2) @ A^T [n, r];  y = bias + scale * xa @ B^T [n, out]
+//   static void lora_backward(dy, x2, xa2, lora_a, lora_b, scale, drop, grad_x*, grad_a*, grad_b*);
+//       g = scale * dY @ B (once);  grad_x += mask * (g @ A) / (1 - p)  (grad_x holds dY W);
+//       grad_a = g^T @ drop(x2);  grad_b = scale * dY^T @ xa.  A null pointer: not wanted.
 //
-// Notation: x2 = x viewed as [n, in]; g = dY @ B [n, r].
+// Notation: x2 = x viewed as [n, in], dy = grad_y viewed as [n, out], xa2 = xa as [n, r].
 #pragma once
 
 #include <ATen/ATen.h>
@@ -67,11 +65,10 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
   at::AutoDispatchBelowADInplaceOrView guard;
   const Dropout drop = make_dropout(dropout_p, seed);
   const at::Tensor x2 = as_rows(x, s.n, s.in);
-  at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x2, weight.t())
-                                                       : at::mm(x2, weight.t());
-  const at::Tensor xa = drop.active ? Kernels::masked_xa(x2, lora_a, drop) : at::mm(x2, lora_a.t());
-  // the LoRA term is accumulated into y by the GEMM itself (beta = 1): no [n, out] temporary
-  y.addmm_(xa, lora_b.t(), /*beta=*/1.0, /*alpha=*/scale);
+  // y starts as bias + scale * xa B^T (what addmm's broadcast copy of the bias would cost
+  // anyway); the big GEMM then accumulates x W^T into it with beta = 1: no extra pass over y.
+  auto [y, xa] = Kernels::lora_forward(x2, bias, lora_a, lora_b, scale, drop);
+  y.addmm_(x2, weight.t());
   return {y.view(with_last(x.sizes(), s.out)), xa.view(with_last(x.sizes(), s.r))};
 }
 
@@ -98,26 +95,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   const at::Tensor dy = grad_y.reshape({s.n, s.out});
 
   at::Tensor grad_x, grad_a, grad_b;
-  if (need_x) grad_x = at::mm(dy, weight);  // [n, in]; the LoRA term is added in place below
-  if (need_x || need_a) {
-    // g = dY B is computed once and shared by grad_x and grad_a; scale is applied by the GEMMs
-    const at::Tensor g = at::mm(dy, lora_b);  // [n, r]
-    const double g_scale = scale;
-    const at::Tensor x2 = as_rows(x, s.n, s.in);
-    if (drop.active) {
-      Kernels::masked_backward(x2, g, g_scale, lora_a, drop, need_x ? &grad_x : nullptr,
-                               need_a ? &grad_a : nullptr);
-    } else {
-      if (need_x) grad_x.addmm_(g, lora_a, /*beta=*/1.0, /*alpha=*/g_scale);
-      if (need_a) {
-        grad_a = at::addmm(at::zeros({}, lora_a.options()), g.t(), x2, /*beta=*/0.0,
-                           /*alpha=*/g_scale);
-      }
-    }
-  }
-  if (need_b) {
-    grad_b = at::addmm(at::zeros({}, lora_b.options()), dy.t(), xa.reshape({s.n, s.r}),
-                       /*beta=*/0.0, /*alpha=*/scale);
+  if (need_x) grad_x = at::mm(dy, weight);  // [n, in]; the LoRA term is added in place
+  if (need_x || need_a || need_b) {
+    Kernels::lora_backward(dy, as_rows(x, s.n, s.in), xa.reshape({s.n, s.r}), lora_a, lora_b,
+                           scale, drop, need_x ? &grad_x : nullptr, need_a ? &grad_a : nullptr,
+                           need_b ? &grad_b : nullptr);
   }
   if (need_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_a, grad_b};

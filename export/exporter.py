@@ -307,7 +307,7 @@ class _OpRecorder:
 
     def __init__(self, model: nn.Module) -> None:
         self.names = {id(m): n or type(m).__name__ for n, m in model.named_modules()}
-        self.stack: list[str] = []
+        self.stack: list[tuple[str, str]] = []  # (module name, class) of running modules
         self.first_user: dict[str, tuple[str, str]] = {}  # op -> (module name, class)
         self.classes = {id(m): type(m).__name__ for m in model.modules()}
 
@@ -318,7 +318,10 @@ class _OpRecorder:
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-                op = f"{func.namespace}::{func._opname}"
+                # OpOverload: namespace + name; anything else (a higher-order op) by str()
+                namespace = getattr(func, "namespace", None)
+                name = getattr(func, "_opname", None)
+                op = f"{namespace}::{name}" if namespace and name else str(func)
                 if op not in recorder.first_user:
                     top = recorder.stack[-1] if recorder.stack else ("<model>", "")
                     recorder.first_user[op] = top
@@ -346,7 +349,7 @@ class _OpRecorder:
         return [
             (op, mod, cls)
             for op, (mod, cls) in self.first_user.items()
-            if op.split("::")[0] not in _ONNX_NAMESPACES
+            if "::" in op and op.split("::")[0] not in _ONNX_NAMESPACES
         ]
 
     def module_of(self, message: str) -> str | None:

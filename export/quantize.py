@@ -82,6 +82,7 @@ def save_ort_format(model_path: Path, ort_path: Path) -> None:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # hot-swap LoRA inputs with defaults warn by design
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(ort_path)
     options.add_session_config_entry("session.save_model_format", "ORT")

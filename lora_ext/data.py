@@ -188,6 +188,23 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | No
                 yield line, record, None
 
 
+def _iter_json_array(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """A ``.json`` file holding one array of objects; rows are numbered from 1 by position."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+        ) from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(records).__name__}")
+    for row, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            yield row, None, f"expected a JSON object, got {type(record).__name__}"
+        else:
+            yield row, record, None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
@@ -228,7 +245,8 @@ def load_table(
     """A labelled CSV or JSONL file (one JSON object per line).
 
     Args:
-        path: ``.csv``, ``.jsonl`` or ``.json`` (JSON lines) file.
+        path: ``.csv``, ``.jsonl`` (one object per line) or ``.json`` (an array of objects,
+            or JSON lines) file.
         text_column, label_column: the column (key) names.
         classes: the declared class names, label i = classes[i]; a label outside them is an
             error. ``None``: the sorted distinct labels (numeric order for integer labels).
@@ -253,6 +271,8 @@ def load_table(
                 f"{path}: missing column(s) {missing}; the header has {header} "
                 f"(choose them with --text-column / --label-column)"
             )
+    elif suffix == ".json" and path.read_text(encoding="utf-8-sig").lstrip().startswith("["):
+        rows = _iter_json_array(path)  # a JSON array; any other .json is read as JSON lines
     elif suffix in (".jsonl", ".json"):
         rows = _iter_jsonl(path)
     else:

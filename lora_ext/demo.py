@@ -76,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from lora_ext import data as D
     from lora_ext import models
     from lora_ext.export import OnnxRunner, export_onnx
-    from lora_ext.train import TrainConfig, load_trained_adapter, train
+    from lora_ext.train import TrainConfig, load_trained_adapter, quiet_transformers, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,7 +108,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     # A fresh process would do exactly this: base model + the saved adapter (with its head).
     _say("[2/3] merging and exporting ONNX fp32 and int8")
     split, _ = _held_out(cfg)
-    model, tokenizer = models.load_minilm_classifier(num_labels=2, seed=12345)
+    with quiet_transformers():
+        model, tokenizer = models.load_minilm_classifier(num_labels=2, seed=12345)
     load_trained_adapter(model, out / "adapter")
     model.eval()
     enc = D.encode_classification(split.val, tokenizer, cfg.max_length)

@@ -27,6 +27,16 @@ Distributed: under ``torchrun`` each process takes an equal slice of every globa
 (``--batch-size`` is the global batch of one micro-step, so the same command gives the same
 training on 1 or N processes); DDP all-reduces the gradients of the trainable tensors only
 (the frozen base is neither broadcast nor reduced); rank 0 alone writes files.
+
+Several nodes: the same command on every node with torchrun's rendezvous, e.g.
+``torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500
+--rdzv-id=JOB -m lora_ext.train ...``; --out must be on a shared file system (rank 0 writes
+it, every rank reads it on --resume). Under torchrun spell the rank ``--rank`` (torchrun's own
+parser reads ``--r`` as an ambiguous abbreviation of its ``--rdzv-*`` flags). A base model
+too big for one GPU needs FSDP instead of DDP: shard the frozen base weights (FSDP2's
+``fully_shard`` per transformer block, ``ignored_params`` or a separate unsharded group for the
+small LoRA tensors), gather the full weight per block in the forward, and save the adapter
+from a full state dict on rank 0; the op itself is unchanged, it sees the gathered weight.
 """
 
 from __future__ import annotations
@@ -316,7 +326,7 @@ def load_model(
             f"--model smollm2 trains as a causal LM; --data {cfg.data!r} is labelled "
             "(give a plain .txt file)"
         )
-    with _quiet_transformers():
+    with quiet_transformers():
         if kind == "minilm":
             model, tokenizer = models.load_minilm_classifier(num_labels=len(classes), seed=cfg.seed)
         elif kind == "smollm2":
@@ -361,17 +371,21 @@ def load_model(
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Hide transformers' load report: a fresh classification head is expected to be
     "MISSING" from the checkpoint, which is the point of training it."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: ours is the training bar
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_targets(cfg: TrainConfig, model: nn.Module) -> list[str]:
@@ -866,7 +880,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.grad_checkpointing:
         # Non-reentrant checkpointing: works with frozen inputs, and it stashes and restores
         # the RNG state, so the op's seeded dropout draws the same mask when recomputing.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
     model.to(device)
     model.train()
     names = {id(p): n for n, p in model.named_parameters()}
@@ -1096,10 +1115,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         write_json_atomic(out / "metrics.json", metrics)
         plot_loss(history, evals, task, out / "loss.png")
         print(_format_eval(step, final, final=True), file=sys.stderr)
-        if cfg.export:
-            metrics["export"] = export_run(out, model, tokenizer, task, val_enc)
-            write_json_atomic(out / "metrics.json", metrics)
         run_info["status"] = "done"
+        if cfg.export:
+            try:
+                metrics["export"] = export_run(out, model, tokenizer, task, val_enc)
+            except Exception as e:  # the trained adapter is safe on disk: report, don't lose it
+                metrics["export_error"] = f"{type(e).__name__}: {e}"
+                run_info["status"] = "done; export failed"
+                _log(
+                    f"export failed ({metrics['export_error']}); the adapter is saved in "
+                    f"{out / 'adapter'}: retry with `lora-ext export --adapter {out / 'adapter'}`"
+                )
+            write_json_atomic(out / "metrics.json", metrics)
         write_json_atomic(out / RUN_FILE, run_info)
     dist.barrier()
     return metrics
@@ -1356,7 +1383,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from lora_ext.data import DataError
 
     try:
-        train(config_from_args(args))
+        metrics = train(config_from_args(args))
     except (TrainError, DataError) as e:
         print(f"lora-ext train: error: {e}", file=sys.stderr)
         return 2
@@ -1366,7 +1393,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    return 1 if "export_error" in metrics else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,7 +70,9 @@ def test_csv_and_jsonl_agree(tmp_path):
     rows = [{"text": "good, really", "label": "pos"}, {"text": "bad", "label": "neg"}]
     rows.append({"text": "fine", "label": "pos"})
     jsonl_path = _write(tmp_path, "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    array_path = _write(tmp_path, "d.json", json.dumps(rows, indent=1))
     a, b = data.load_dataset(csv_path), data.load_dataset(jsonl_path)
+    assert data.load_dataset(array_path).texts == a.texts
     assert a.texts == b.texts == ["good, really", "bad", "fine"]
     assert a.classes == b.classes == ["neg", "pos"]
     assert a.labels == b.labels == [1, 0, 1]
@@ -112,6 +114,7 @@ BAD_FILES = [
         {},
         ["row 2", "None"],
     ),
+    ("array.json", '[{"text":"a","label":1}, "b"]', {}, ["row 2", "JSON object"]),
     ("one_class.csv", "text,label\na,1\nb,1\n", {}, ["at least 2 classes"]),
     ("blank.csv", "", {}, ["empty"]),
     ("d.parquet", "x", {}, ["suffix", ".parquet"]),

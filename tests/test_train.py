@@ -307,3 +307,93 @@ def test_ctrl_c_leaves_a_whole_resumable_checkpoint(tmp_path):
     assert f"interrupted at step {step}" in json.loads((out / "run.json").read_text())["status"]
     assert _train(out, "--steps", "500", "--resume", "--stop-at", str(step + 1)) == 0
     assert T.load_checkpoint(T.find_checkpoint(out / "checkpoints"))["step"] == step + 1
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(tmp_path):
+    """Recomputation under checkpointing replays the RNG, so the op's seeded dropout (and
+    BERT's) draw the same masks: the adapter is the one trained without checkpointing."""
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    assert _train(plain, "--steps", "2", "--dropout", "0.1") == 0
+    assert _train(ckpt, "--steps", "2", "--dropout", "0.1", "--grad-checkpointing") == 0
+    a, b = _adapter(plain), _adapter(ckpt)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    # and the LoRA dropout is live: without it the adapter differs
+    other = tmp_path / "other"
+    assert _train(other, "--steps", "2", "--dropout", "0") == 0
+    assert any(not torch.equal(a[k], v) for k, v in _adapter(other).items())
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A transformers model directory: a small random Llama with SmolLM2's real tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_ext import models
+
+    tok = models.load_tokenizer("smollm2")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_causal_lm_from_a_model_directory(tiny_llama_dir, tmp_path):
+    """Plain text -> fixed blocks -> causal-LM loss; validation perplexity; the adapter on a
+    fresh copy of the model reproduces the final validation loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lora_ext
+    from lora_ext import data as D
+
+    rt = D.load_rotten_tomatoes()
+    text = tmp_path / "reviews.txt"
+    text.write_text("\n\n".join(rt.texts[:400]))
+    out = tmp_path / "lm"
+    args = [
+        "--model",
+        str(tiny_llama_dir),
+        "--data",
+        str(text),
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+    ]
+    args += [
+        "--max-length",
+        "32",
+        "--lr",
+        "1e-2",
+        "--eval-every",
+        "3",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    assert cli.main(["train", *args, "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["task"] == "causal-lm" and run["classes"] is None and run["head"] is None
+    metrics = json.loads((out / "metrics.json").read_text())
+    final = metrics["final"]
+    assert final["perplexity"] == pytest.approx(math.exp(final["val_loss"]))
+    assert metrics["evals"][0]["perplexity"] > final["perplexity"]  # it learnt something
+    assert all(h["tokens"] == 4 * 32 for h in metrics["history"])  # full blocks only
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert not config.get("modules_to_save")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    lora_ext.load_adapter(model, out / "adapter")
+    split = D.split_dataset(D.load_text(text), 0.1, 0)
+    enc = D.encode_causal_lm(split.val, AutoTokenizer.from_pretrained(tiny_llama_dir), 32)
+    again = T.evaluate(
+        model, enc, T.Task("causal-lm", None, None), torch.device("cpu"), T.Dist(), 64, None
+    )
+    assert again["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)

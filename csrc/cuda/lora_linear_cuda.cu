@@ -75,32 +75,59 @@ __global__ void mask_kernel(bool* __restrict__ out, int64_t numel, int64_t offse
   }
 }
 
+// drop(x2) into a transient contiguous buffer (consumed by one cuBLAS call, then freed)
+at::Tensor dropped_copy(const at::Tensor& x2, const Dropout& drop) {
+  const int64_t n = x2.size(0), in = x2.size(1);
+  at::Tensor dropped = at::empty({n, in}, x2.options());
+  if (dropped.numel() == 0) return dropped;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, x2.scalar_type(), "lora_ext::dropout_rows_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        dropout_rows_kernel<scalar_t, acc_t>
+            <<<grid_for(n * in), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                x2.const_data_ptr<scalar_t>(), x2.stride(0), n, in, drop.key,
+                static_cast<acc_t>(drop.inv_keep), dropped.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return dropped;
+}
+
 struct CudaKernels {
-  // drop(x2) @ A^T: drop(x2) is built in a transient buffer and consumed by cuBLAS
-  static at::Tensor masked_xa(const at::Tensor& x2, const at::Tensor& lora_a,
-                              const Dropout& drop) {
+  // xa = drop(x2) @ A^T;  y = bias + scale * xa @ B^T (cuBLAS; the caller adds x W^T)
+  static std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x2,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& lora_a,
+                                                         const at::Tensor& lora_b, double scale,
+                                                         const Dropout& drop) {
     const c10::cuda::CUDAGuard device_guard(x2.device());
-    const int64_t n = x2.size(0), in = x2.size(1);
-    at::Tensor dropped = at::empty({n, in}, x2.options());
-    if (dropped.numel() > 0) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kBFloat16, at::kHalf, x2.scalar_type(), "lora_ext::masked_xa_cuda", [&] {
-            using acc_t = at::opmath_type<scalar_t>;
-            dropout_rows_kernel<scalar_t, acc_t>
-                <<<grid_for(n * in), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                    x2.const_data_ptr<scalar_t>(), x2.stride(0), n, in, drop.key,
-                    static_cast<acc_t>(drop.inv_keep), dropped.mutable_data_ptr<scalar_t>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
-    }
-    return at::mm(dropped, lora_a.t());
+    const at::Tensor xa = drop.active ? at::mm(dropped_copy(x2, drop), lora_a.t())
+                                      : at::mm(x2, lora_a.t());
+    const bool has_bias = bias.has_value() && bias->defined();
+    at::Tensor y = at::addmm(has_bias ? *bias : at::zeros({}, x2.options()), xa, lora_b.t(),
+                             /*beta=*/has_bias ? 1.0 : 0.0, /*alpha=*/scale);
+    return {y, xa};
   }
 
-  static void masked_backward(const at::Tensor& x2, const at::Tensor& g, double g_scale,
-                              const at::Tensor& lora_a, const Dropout& drop, at::Tensor* grad_x,
-                              at::Tensor* grad_a) {
+  static void lora_backward(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor& xa2,
+                            const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
+                            const Dropout& drop, at::Tensor* grad_x, at::Tensor* grad_a,
+                            at::Tensor* grad_b) {
     const c10::cuda::CUDAGuard device_guard(x2.device());
     const int64_t n = x2.size(0), in = x2.size(1);
+    if (grad_b != nullptr) {
+      *grad_b = at::addmm(at::zeros({}, lora_b.options()), dy.t(), xa2, /*beta=*/0.0,
+                          /*alpha=*/scale);
+    }
+    if (grad_x == nullptr && grad_a == nullptr) return;
+    const at::Tensor g = at::mm(dy, lora_b);  // [n, r], computed once; scale applied below
+    if (!drop.active) {
+      if (grad_x != nullptr) grad_x->addmm_(g, lora_a, /*beta=*/1.0, /*alpha=*/scale);
+      if (grad_a != nullptr) {
+        *grad_a = at::addmm(at::zeros({}, lora_a.options()), g.t(), x2, /*beta=*/0.0,
+                            /*alpha=*/scale);
+      }
+      return;
+    }
     // t: first g @ A (for grad_x), then overwritten in place by drop(x) (for grad_a)
     at::Tensor t = grad_x != nullptr ? at::mm(g, lora_a) : at::empty({n, in}, x2.options());
     if (t.numel() > 0) {
@@ -111,14 +138,14 @@ struct CudaKernels {
                 <<<grid_for(n * in), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
                     grad_x != nullptr ? grad_x->mutable_data_ptr<scalar_t>() : nullptr,
                     t.mutable_data_ptr<scalar_t>(), x2.const_data_ptr<scalar_t>(), x2.stride(0),
-                    n, in, drop.key, static_cast<acc_t>(drop.inv_keep),
-                    static_cast<acc_t>(g_scale), grad_a != nullptr);
+                    n, in, drop.key, static_cast<acc_t>(drop.inv_keep), static_cast<acc_t>(scale),
+                    grad_a != nullptr);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
     }
     if (grad_a != nullptr) {
       *grad_a = at::addmm(at::zeros({}, lora_a.options()), g.t(), t, /*beta=*/0.0,
-                          /*alpha=*/g_scale);
+                          /*alpha=*/scale);
     }
   }
 };
