@@ -22,9 +22,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import find_packages, setup
-
 import torch
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
@@ -49,7 +48,9 @@ def _use_cuda() -> bool:
         return False
     if torch.version.cuda is None:
         if _flag("FORCE_CUDA"):
-            sys.exit("FORCE_CUDA=1 but the installed torch is a CPU-only build (torch.version.cuda is None)")
+            sys.exit(
+                "FORCE_CUDA=1 but the installed torch is a CPU-only build (torch.version.cuda is None)"
+            )
         return False
     return _flag("FORCE_CUDA") or _find_nvcc() is not None
 
@@ -132,7 +133,9 @@ setup(
     # export/ lives at the top level of the repository but is installed as lora_ext.export
     package_dir={"lora_ext": "lora_ext", "lora_ext.export": "export"},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={
+        "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    },
     install_requires=["numpy", "safetensors"],
     entry_points={"console_scripts": ["lora-ext = lora_ext.cli:main"]},
     zip_safe=False,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -135,7 +136,7 @@ def session(path: Path, threads: int) -> Any:
 
 
 def predict(sess: Any, tokenizer: Any, texts: list[str], batch: int) -> np.ndarray:
-    """Argmax labels, ``batch`` texts per run (1: one at a time, unpadded, as on the edge
+    """Logits [n, 2], ``batch`` texts per run (1: one at a time, unpadded, as on the edge
     device; dynamic int8 quantization then sees no padding or other sentences)."""
     names = {i.name for i in sess.get_inputs()}
     out = []
@@ -144,7 +145,7 @@ def predict(sess: Any, tokenizer: Any, texts: list[str], batch: int) -> np.ndarr
             texts[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="np"
         )
         feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in names}
-        out.append(sess.run(None, feeds)[0].argmax(-1))
+        out.append(sess.run(None, feeds)[0])
     return np.concatenate(out)
 
 
@@ -164,6 +165,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]  # recorded: figures taken on a busy machine are noisy
 
     import onnx
     import onnxruntime as ort
@@ -223,8 +225,13 @@ def main() -> int:
         median_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
         print(f"argmax agreement on {len(eval_texts)} snippets ...", file=sys.stderr)
-        pred32 = predict(sessions["ort_fp32_merged"], tokenizer, eval_texts, args.eval_batch)
-        pred8 = predict(sessions["ort_int8_merged"], tokenizer, eval_texts, args.eval_batch)
+        logits32 = predict(sessions["ort_fp32_merged"], tokenizer, eval_texts, args.eval_batch)
+        logits8 = predict(sessions["ort_int8_merged"], tokenizer, eval_texts, args.eval_batch)
+        pred32, pred8 = logits32.argmax(-1), logits8.argmax(-1)
+        # how sure fp32 was where int8 disagrees: near-ties flip under any small error
+        probs32 = np.exp(logits32 - logits32.max(-1, keepdims=True))
+        probs32 /= probs32.sum(-1, keepdims=True)
+        flipped_conf = sorted(float(p) for p in probs32.max(-1)[pred32 != pred8])
         sizes = {name: r.size_bytes for name, r in reports.items()}
         verify = {name: r.max_rel for name, r in reports.items()}
 
@@ -249,7 +256,7 @@ def main() -> int:
         "benchmark": "bench_export",
         "device": {
             "cpu": cpu_name(),
-            "logical_cpus": __import__("os").cpu_count(),
+            "logical_cpus": os.cpu_count(),
             "threads": args.threads,
         },
         "versions": {
@@ -273,6 +280,12 @@ def main() -> int:
             "ort_int8_merged": float((pred8 == eval_labels).mean()),
         },
         "sentences": len(eval_texts),
+        "int8_flips_fp32_confidence": flipped_conf,
+        "int8_logit_abs_error": {
+            "median": float(np.median(np.abs(logits8 - logits32))),
+            "max": float(np.abs(logits8 - logits32).max()),
+        },
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         "eval_batch": args.eval_batch,
         "ratios": ratios,
         "targets": {k: f"{op} {v}" for k, (op, v) in targets.items()},
@@ -296,6 +309,11 @@ def main() -> int:
     print(
         f"accuracy vs labels: fp32 {acc['ort_fp32_merged']:.3f}, int8 {acc['ort_int8_merged']:.3f}"
     )
+    if flipped_conf:
+        print(
+            f"int8 flips: {len(flipped_conf)}, where fp32 was at most "
+            f"{max(flipped_conf):.0%} sure (near-ties)"
+        )
     print(f"wrote {out}")
     return 0
 

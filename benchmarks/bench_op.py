@@ -59,7 +59,10 @@ def bench(fns: dict[str, Callable[[], object]], device: torch.device, repeats: i
     for _ in range(repeats):
         for name, fn in fns.items():
             if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
                 fn()
                 end.record()
@@ -177,7 +180,10 @@ def saved_bytes(shape, dtype, device):
     def make_peft(p):
         return _layers(d_in, d_out, r, p, dtype, device)[2]
 
-    res = {"ours_p0.1": count(make_ours, 0.1), "input_bytes": n * d_in * torch.finfo(dtype).bits // 8}
+    res = {
+        "ours_p0.1": count(make_ours, 0.1),
+        "input_bytes": n * d_in * torch.finfo(dtype).bits // 8,
+    }
     if _have_peft():
         res["peft_p0"] = count(make_peft, 0.0)
         res["peft_p0.1"] = count(make_peft, 0.1)
@@ -301,7 +307,9 @@ def table(res: dict) -> str:
     tg = res["targets"]
     lines = [f"lora_ext op benchmark on {res['device']} ({res['dtype']}, torch {res['torch']}, "
              f"peft {res['peft']}, median of {res['repeats']})"]  # fmt: skip
-    lines.append(f"{'case':<44}{'frozen':>9}{'ours':>9}{'peft':>9}{'ours/frz':>10}{'peft/ours':>10}  target")
+    lines.append(
+        f"{'case':<44}{'frozen':>9}{'ours':>9}{'peft':>9}{'ours/frz':>10}{'peft/ours':>10}  target"
+    )
     for row in res["fwd_bwd"]:
         ms = {"peft": float("nan"), **row["ms"]}
         p = row["dropout"]
@@ -321,7 +329,9 @@ def table(res: dict) -> str:
     for sb in res["saved_bytes"]:
         mb = 1 / 2**20
         if "peft_p0" not in sb:
-            lines.append(f"saved for bwd, q/k/v of one x: ours p=0.1 {sb['ours_p0.1'] * mb:.1f} MiB (no peft)")
+            lines.append(
+                f"saved for bwd, q/k/v of one x: ours p=0.1 {sb['ours_p0.1'] * mb:.1f} MiB (no peft)"
+            )
             continue
         ratio = sb["ours_p0.1_vs_peft_p0"]
         target = tg.get("saved_vs_peft_p0")
@@ -354,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="all = the CPU, and the GPU when there is one")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON results")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = []
     if args.device in ("cpu", "all"):
         devices.append(torch.device("cpu"))

@@ -2,11 +2,12 @@
 
 For each LoRA dropout (0.05 and 0) both implementations train the same model on the same
 fixed batch (real Rotten Tomatoes snippets for MiniLM, real text for SmolLM2) with AdamW over
-the same trainable tensors (LoRA + the classifier head for MiniLM). Rounds alternate between
-the configurations so that machine noise hits them alike; the figure is the median step time
-(forward + backward + optimizer) over all timed steps.
+the same trainable tensors (LoRA + the classifier head for MiniLM). Timed steps alternate
+between the configurations (round robin) so that machine noise hits them alike; the figure is
+the median step time (forward + backward + optimizer) over all timed steps.
 
-Peak memory: on CUDA torch.cuda.max_memory_allocated per configuration; on the CPU the peak
+Peak memory: on CUDA torch.cuda.max_memory_allocated while a configuration is built and
+warmed up, less what earlier configurations hold; on the CPU the peak
 resident set of a fresh child process per configuration that runs the same steps, counted from
 the moment the model is loaded (Linux's VmHWM reset), i.e. what training adds.
 
@@ -207,33 +208,28 @@ def main() -> None:
     peak_mem: dict[tuple[str, float], int | None] = {}
     for impl, d in configs:
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)  # the configurations built so far
             torch.cuda.reset_peak_memory_stats(device)
         model, opt, n_train = build(impl, args.model, args.r, 2.0 * args.r, d, device)
         for _ in range(args.warmup):
             step(model, opt, batch, amp, device)
         sync(device)
         if device.type == "cuda":
-            peak_mem[(impl, d)] = torch.cuda.max_memory_allocated(device)
-            # keep only one configuration's tensors on the GPU at a time
-            model.cpu()
-            opt.state.clear()
+            # this configuration's own peak: its weights, optimizer state and activations
+            peak_mem[(impl, d)] = torch.cuda.max_memory_allocated(device) - before
         built[(impl, d)] = (model, opt, n_train)
+    # Step-level round robin: each timed step of one configuration is followed by one of
+    # each other, so a burst of machine noise lands on all of them alike.
     times: dict[tuple[str, float], list[float]] = {c: [] for c in configs}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds * args.steps):
         for c in configs:
             model, opt, _ = built[c]
-            if device.type == "cuda":
-                model.to(device)
-            for _ in range(args.steps):
-                sync(device)
-                t = time.perf_counter()
-                step(model, opt, batch, amp, device)
-                sync(device)
-                times[c].append(time.perf_counter() - t)
-            if device.type == "cuda":
-                model.cpu()
-                opt.state.clear()
+            sync(device)
+            t = time.perf_counter()
+            step(model, opt, batch, amp, device)
+            sync(device)
+            times[c].append(time.perf_counter() - t)
     if device.type == "cpu" and not args.no_rss:
         for c in configs:
             peak_mem[c] = child_rss(args, *c)

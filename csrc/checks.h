@@ -19,10 +19,6 @@
 #define LORA_CHECK(cond, ...) TORCH_CHECK(cond, "lora_ext: ", __VA_ARGS__)
 // ValueError in Python
 #define LORA_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, "lora_ext: ", __VA_ARGS__)
-// Named shape check in the style of flash-attention's CHECK_SHAPE
-#define LORA_CHECK_SHAPE(t, ...)                                                               \
-  LORA_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #t " must have shape ",            \
-             at::IntArrayRef({__VA_ARGS__}), ", got ", (t).sizes())
 
 namespace lora_ext {
 
@@ -34,10 +30,10 @@ inline void check_floating(const at::Tensor& t, const char* name) {
 
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref,
                        const char* ref_name) {
-  LORA_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name,
-             " is on ", ref.device(), ": all tensors must be on one device");
-  LORA_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(),
-             " but ", ref_name, " has dtype ", ref.scalar_type(),
+  LORA_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
+             ref.device(), ": all tensors must be on one device");
+  LORA_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ",
+             ref_name, " has dtype ", ref.scalar_type(),
              ": cast them to one dtype (the LoRA layer does this)");
 }
 
@@ -74,19 +70,17 @@ inline LinearShapes check_linear_args(const at::Tensor& x, const at::Tensor& wei
   check_floating(x, "x");
   LORA_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got shape ",
              weight.sizes());
-  LORA_CHECK(lora_a.dim() == 2, "lora_a must be 2-D [r, in_features], got shape ",
-             lora_a.sizes());
-  LORA_CHECK(lora_b.dim() == 2, "lora_b must be 2-D [out_features, r], got shape ",
-             lora_b.sizes());
+  LORA_CHECK(lora_a.dim() == 2, "lora_a must be 2-D [r, in_features], got shape ", lora_a.sizes());
+  LORA_CHECK(lora_b.dim() == 2, "lora_b must be 2-D [out_features, r], got shape ", lora_b.sizes());
   const int64_t in = x.size(-1), out = weight.size(0), r = lora_a.size(0);
   LORA_CHECK(weight.size(1) == in, "weight must have shape [out_features, ", in,
              "] to match x of shape ", x.sizes(), ", got ", weight.sizes());
   LORA_CHECK(r > 0, "the LoRA rank must be at least 1, got lora_a of shape ", lora_a.sizes());
   LORA_CHECK(lora_a.size(1) == in, "lora_a must have shape [r, ", in, "] to match x of shape ",
              x.sizes(), ", got ", lora_a.sizes());
-  LORA_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b must have shape [", out,
-             ", ", r, "] to match weight ", weight.sizes(), " and lora_a ", lora_a.sizes(),
-             ", got ", lora_b.sizes());
+  LORA_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b must have shape [", out, ", ", r,
+             "] to match weight ", weight.sizes(), " and lora_a ", lora_a.sizes(), ", got ",
+             lora_b.sizes());
   check_same(weight, "weight", x, "x");
   check_same(lora_a, "lora_a", x, "x");
   check_same(lora_b, "lora_b", x, "x");
@@ -117,8 +111,8 @@ inline void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
   LORA_CHECK(r > 0, "the LoRA rank must be at least 1, got lora_a of shape ", lora_a.sizes());
   LORA_CHECK(lora_a.size(1) == in, "lora_a must have shape [r, ", in, "] to match weight ",
              weight.sizes(), ", got ", lora_a.sizes());
-  LORA_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b must have shape [", out, ", ",
-             r, "] to match weight ", weight.sizes(), " and lora_a ", lora_a.sizes(), ", got ",
+  LORA_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b must have shape [", out, ", ", r,
+             "] to match weight ", weight.sizes(), " and lora_a ", lora_a.sizes(), ", got ",
              lora_b.sizes());
   LORA_CHECK(lora_a.device() == weight.device() && lora_b.device() == weight.device(),
              "weight, lora_a and lora_b must be on one device, got ", weight.device(), ", ",

@@ -68,8 +68,8 @@ pybind11::dict build_info() {
   d["cuda"] = true;
   d["cuda_archs"] = split_archs(LORA_EXT_CUDA_ARCHS);
 #ifdef CUDA_VERSION
-  d["cuda_version"] = std::to_string(CUDA_VERSION / 1000) + "." +
-                      std::to_string((CUDA_VERSION % 1000) / 10);
+  d["cuda_version"] =
+      std::to_string(CUDA_VERSION / 1000) + "." + std::to_string((CUDA_VERSION % 1000) / 10);
 #else
   d["cuda_version"] = pybind11::none();
 #endif

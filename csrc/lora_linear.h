@@ -56,10 +56,12 @@ inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
 // y = x W^T + bias + scale * (drop(x) A^T) B^T; also returns xa = drop(x) A^T [..., r], the
 // only activation-sized tensor besides x that backward needs (r columns, not in).
 template <class Kernels>
-std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_a, const at::Tensor& lora_b, double scale, double dropout_p,
-    const at::Tensor& seed) {
+std::tuple<at::Tensor, at::Tensor> lora_linear_forward(const at::Tensor& x,
+                                                       const at::Tensor& weight,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& lora_a,
+                                                       const at::Tensor& lora_b, double scale,
+                                                       double dropout_p, const at::Tensor& seed) {
   const LinearShapes s = check_linear_args(x, weight, bias, lora_a, lora_b, scale, dropout_p);
   // autograd is handled in Python (ops.py); the ATen calls below must not record a graph
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -76,10 +78,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(
 // wanted; the others come back undefined (None in Python) and cost nothing.
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
-    const at::Tensor& grad_y, const at::Tensor& x,
-    const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
-    const at::Tensor& xa, double scale, double dropout_p, const at::Tensor& seed,
-    std::array<bool, 3> output_mask) {
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& xa, double scale,
+    double dropout_p, const at::Tensor& seed, std::array<bool, 3> output_mask) {
   const LinearShapes s =
       check_linear_args(x, weight, std::nullopt, lora_a, lora_b, scale, dropout_p);
   LORA_CHECK(grad_y.sizes() == at::IntArrayRef(with_last(x.sizes(), s.out)),
@@ -97,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   at::Tensor grad_x, grad_a, grad_b;
   if (need_x) grad_x = at::mm(dy, weight);  // [n, in]; the LoRA term is added in place
   if (need_x || need_a || need_b) {
-    Kernels::lora_backward(dy, as_rows(x, s.n, s.in), xa.reshape({s.n, s.r}), lora_a, lora_b,
-                           scale, drop, need_x ? &grad_x : nullptr, need_a ? &grad_a : nullptr,
+    Kernels::lora_backward(dy, as_rows(x, s.n, s.in), xa.reshape({s.n, s.r}), lora_a, lora_b, scale,
+                           drop, need_x ? &grad_x : nullptr, need_a ? &grad_a : nullptr,
                            need_b ? &grad_b : nullptr);
   }
   if (need_x) grad_x = grad_x.view(x.sizes());

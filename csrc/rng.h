@@ -51,9 +51,7 @@ LORA_HD DropoutKey make_key(uint64_t seed, uint32_t threshold) {
 }
 
 // Key for the block of 2^32 indices that share the high word `hi` (hoisted out of inner loops).
-LORA_HD uint32_t hi_key(const DropoutKey& key, uint32_t hi) {
-  return key.k1 ^ (hi * 0x9e3779b9U);
-}
+LORA_HD uint32_t hi_key(const DropoutKey& key, uint32_t hi) { return key.k1 ^ (hi * 0x9e3779b9U); }
 
 LORA_HD uint32_t hash32(uint32_t k0, uint32_t khi, uint32_t lo) {
   return lowbias32(lowbias32(lo ^ k0) ^ khi);
@@ -63,9 +61,7 @@ LORA_HD uint32_t hash(const DropoutKey& key, uint64_t idx) {
   return hash32(key.k0, hi_key(key, static_cast<uint32_t>(idx >> 32)), static_cast<uint32_t>(idx));
 }
 
-LORA_HD bool keep(const DropoutKey& key, uint64_t idx) {
-  return hash(key, idx) >= key.threshold;
-}
+LORA_HD bool keep(const DropoutKey& key, uint64_t idx) { return hash(key, idx) >= key.threshold; }
 
 // Host only: threshold for drop probability p in [0, 1). P(keep) = 1 - threshold / 2^32.
 inline uint32_t threshold_for(double p) {

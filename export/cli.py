@@ -37,7 +37,12 @@ def add_subcommands(subparsers: Any) -> None:
     )
     exp.add_argument("--model", required=True, help="transformers model dir, or minilm | smollm2")
     exp.add_argument("--adapter", help="LoRA adapter dir (PEFT layout, as lora-ext train writes)")
-    exp.add_argument("--out", required=True, help="output .onnx file (its directory must exist)")
+    exp.add_argument(
+        "--out",
+        required=True,
+        help="output .onnx file; its directory must exist (the tokenizer is saved there too, "
+        "for lora-ext infer)",
+    )
     variant = exp.add_mutually_exclusive_group()
     variant.add_argument("--fp16", action="store_true", help="fp16 weights and activations")
     variant.add_argument("--int8", action="store_true", help="int8 dynamic quantization")
@@ -151,7 +156,8 @@ def load_for_export(
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         auto = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
-        extra = {"num_labels": n_labels} if task == "seq-cls" and num_labels else {}
+        # the head size: --num-labels, else the adapter's head, else the model dir's config
+        extra = {"num_labels": n_labels} if task == "seq-cls" and (num_labels or labels) else {}
         model = auto.from_pretrained(path, dtype=torch.float32, **extra).eval()
         tokenizer = models.load_tokenizer(path)
     if adapter_dir is not None:

@@ -5,8 +5,9 @@
     lora-ext infer --onnx model.onnx --tokenizer minilm "a gripping, beautifully shot film"
     lora-ext demo
 
-Each subcommand's parser sets ``func``: a callable(args) -> exit status. Heavy modules
-(torch, transformers, onnx) are imported only by the subcommand that runs.
+Each subcommand's parser sets ``func``: a callable(args) -> exit status. transformers, onnx
+and onnxruntime are imported only by the subcommand that runs (torch is imported to build the
+parser: the train flags and their defaults live next to the code in lora_ext.train).
 """
 
 from __future__ import annotations

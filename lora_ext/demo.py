@@ -33,7 +33,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "alpha": 16.0,
     "dropout": 0.05,
     "targets": ["query", "key", "value", "dense"],
-    "steps": 400,
+    "steps": 300,
     "batch_size": 32,
     "lr": 1e-3,
     "max_length": 64,

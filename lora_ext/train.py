@@ -829,6 +829,16 @@ def _config_digest(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _fingerprint(split: D.Split) -> str:
+    """sha256 of the split's texts and labels: a resumed run must see the same data."""
+    h = hashlib.sha256()
+    for part in (split.train, split.val):
+        for i, text in enumerate(part.texts):
+            h.update(text.encode())
+            h.update(b"\x00" + (str(part.labels[i]).encode() if part.labels else b"") + b"\x01")
+    return h.hexdigest()[:16]
+
+
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -928,6 +938,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "status": "running",
     }
     run_info["adapted_layers"] = sum(1 for n, _ in model.named_parameters() if ".lora_A." in n)
+    run_info["data_fingerprint"] = _fingerprint(split)
 
     start_step = 0
     history: list[dict[str, Any]] = []
@@ -944,6 +955,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             state = load_checkpoint(path)
             if state["config_digest"] != run_info["config_digest"]:
                 raise TrainError(f"--resume: {path} belongs to another configuration")
+            if state.get("data_fingerprint") != run_info["data_fingerprint"]:
+                raise TrainError(
+                    f"--resume: the data of {cfg.data!r} differ from those {path} was trained "
+                    "on (the file changed?); resuming would not continue the same run"
+                )
             if state["world_size"] != dist.world_size:
                 raise TrainError(
                     f"--resume: {path} was written by {state['world_size']} processes, this run "
@@ -985,6 +1001,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "format": CHECKPOINT_FORMAT,
             "step": step,
             "config_digest": run_info["config_digest"],
+            "data_fingerprint": run_info["data_fingerprint"],
             "world_size": dist.world_size,
             "trainable": {names[id(p)]: p.detach().cpu().clone() for p in trainable},
             "optimizer": optimizer.state_dict(),
@@ -992,8 +1009,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "rng": rngs,
             "history": history,
             "evals": evals,
-            # the data order is a function of these: micro-batch k of the run is
-            # global_batch_indices(n_train, batch_size, seed, k)
+            # the data order is a function of these (and of the example lengths when
+            # grouping): micro-batch k of the run is global_batch_indices(n_train,
+            # batch_size, seed, k, lengths)
             "data": {
                 "seed": cfg.seed,
                 "n_train": len(train_enc),

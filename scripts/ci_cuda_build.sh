@@ -40,17 +40,35 @@ rm -rf build/cuda/lib
 so=$(ls build/cuda/lib/lora_ext/_C*.so)
 echo "built $so in $(( $(date +%s) - build_start )) s"
 
-echo "== every .cu compiled for every arch"
-for cu in csrc/cuda/*.cu; do
-  obj="build/cuda/temp/${cu%.cu}.o"
-  obj=$(find build/cuda/temp -path "*${cu%.cu}.o" | head -1)
-  test -n "$obj" || { echo "no object file for $cu"; exit 1; }
-  for arch in ${TORCH_CUDA_ARCH_LIST//;/ }; do
-    sm="sm_${arch//./}"
-    grep -q "code=$sm" build/cuda/temp/build.ninja || { echo "$cu: $sm not in the nvcc flags"; exit 1; }
-  done
-  echo "ok $cu -> $obj"
-done
+echo "== every .cu compiled to SASS for every arch (cubins inside the object files)"
+"$VENV/bin/python" - build/cuda/temp "$TORCH_CUDA_ARCH_LIST" csrc/cuda/*.cu <<'PY'
+import struct
+import sys
+from pathlib import Path
+
+temp, archs, sources = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+want = {int(a.replace(".", "")) for a in archs.replace(",", ";").split(";") if a.strip()}
+
+
+def cubin_archs(blob: bytes) -> set[int]:
+    """SM versions of the CUDA ELF images (e_machine 190) embedded in an object file."""
+    found, i = set(), blob.find(b"\x7fELF")
+    while i >= 0:
+        if blob[i + 4] == 2 and struct.unpack_from("<H", blob, i + 18)[0] == 190:
+            flags = struct.unpack_from("<I", blob, i + 48)[0]
+            # ELF ABI v8 (CUDA >= 12.8) keeps the SM in bits 8-15, older ones in bits 0-7
+            found.add((flags >> 8) & 0xFF if blob[i + 8] >= 8 else flags & 0xFF)
+        i = blob.find(b"\x7fELF", i + 4)
+    return found
+
+
+for src in sources:
+    objs = list(temp.rglob(Path(src).with_suffix(".o").as_posix()))
+    assert objs, f"no object file for {src} under {temp}"
+    got = cubin_archs(objs[0].read_bytes())
+    assert want <= got, f"{src}: cubins for sm {sorted(got)}, expected {sorted(want)}"
+    print(f"ok {src}: sm_{', sm_'.join(str(a) for a in sorted(got))}")
+PY
 
 echo "== import on a machine without a GPU"
 "$VENV/bin/python" - "$so" <<'PY'

@@ -36,7 +36,11 @@ def _rand(*shape, dtype=torch.float32, scale=1.0, gen=None, device=DEVICE):
 
 def _problem(lead, d_in, d_out, r, dtype, bias=True, noncontig=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = _rand(*lead, 2 * d_in, dtype=dtype, gen=g)[..., ::2] if noncontig else _rand(*lead, d_in, dtype=dtype, gen=g)
+    x = (
+        _rand(*lead, 2 * d_in, dtype=dtype, gen=g)[..., ::2]
+        if noncontig
+        else _rand(*lead, d_in, dtype=dtype, gen=g)
+    )
     w = _rand(d_out, d_in, dtype=dtype, scale=d_in**-0.5, gen=g)
     b = _rand(d_out, dtype=dtype, gen=g) if bias else None
     a = _rand(r, d_in, dtype=dtype, scale=d_in**-0.5, gen=g)
@@ -162,7 +166,11 @@ MERGE = [  # (out, in, r, dtype, transposed)
 @pytest.mark.parametrize("d_out,d_in,r,dtype,transposed", MERGE)
 def test_merge_matches_float64_rounded_once(d_out, d_in, r, dtype, transposed):
     g = torch.Generator().manual_seed(r)
-    w = _rand(d_in, d_out, dtype=dtype, gen=g).t() if transposed else _rand(d_out, d_in, dtype=dtype, gen=g)
+    w = (
+        _rand(d_in, d_out, dtype=dtype, gen=g).t()
+        if transposed
+        else _rand(d_out, d_in, dtype=dtype, gen=g)
+    )
     a, bb = _rand(r, d_in, gen=g), _rand(d_out, r, gen=g)
     before = w.clone()
     want = ref.merge(w, a, bb, 0.3)
@@ -172,12 +180,16 @@ def test_merge_matches_float64_rounded_once(d_out, d_in, r, dtype, transposed):
         # one step of the dtype, plus the float32 error of the delta where w + delta cancels
         ulp = want.double().abs().clamp(min=torch.finfo(dtype).tiny) * torch.finfo(dtype).eps
         eps32 = torch.finfo(torch.float32).eps
-        fp32_err = eps32 * (r * 0.3 * (bb.double().abs() @ a.double().abs()) + before.double().abs())
+        fp32_err = eps32 * (
+            r * 0.3 * (bb.double().abs() @ a.double().abs()) + before.double().abs()
+        )
         assert (diff == 0).double().mean().item() > 0.999
         assert bool((diff <= 1.01 * ulp + fp32_err).all())
     else:
         exact = before.double() + 0.3 * (bb.double() @ a.double())
-        err, bound = ref.error_bound(w, ref.merge_naive(before, a.to(dtype), bb.to(dtype), 0.3), exact)
+        err, bound = ref.error_bound(
+            w, ref.merge_naive(before, a.to(dtype), bb.to(dtype), 0.3), exact
+        )
         assert err <= bound  # fmt: skip
 
 

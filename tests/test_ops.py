@@ -331,7 +331,11 @@ MERGE = [  # (out, in, r, dtype, transposed)
 @pytest.mark.parametrize("d_out,d_in,r,dtype,transposed", MERGE)
 def test_merge_matches_float64_rounded_once(d_out, d_in, r, dtype, transposed):
     g = torch.Generator().manual_seed(d_out * r)
-    w = _rand(d_in, d_out, dtype=dtype, gen=g).t() if transposed else _rand(d_out, d_in, dtype=dtype, gen=g)
+    w = (
+        _rand(d_in, d_out, dtype=dtype, gen=g).t()
+        if transposed
+        else _rand(d_out, d_in, dtype=dtype, gen=g)
+    )
     a = _rand(r, d_in, gen=g)  # adapters in float32 over a weight of another dtype
     bb = _rand(d_out, r, gen=g)
     scale = 0.3
@@ -346,9 +350,10 @@ def test_merge_matches_float64_rounded_once(d_out, d_in, r, dtype, transposed):
         assert (diff == 0).double().mean().item() > 0.999
         assert bool((diff <= _merge_tolerance(before, a, bb, scale, exact_rounded)).all())
     else:
-        exact = w.new_empty(0)  # noqa: F841
         exact64 = before.double() + scale * (bb.double() @ a.double())
-        err, bound = ref.error_bound(w, ref.merge_naive(before, a.to(dtype), bb.to(dtype), scale), exact64)
+        err, bound = ref.error_bound(
+            w, ref.merge_naive(before, a.to(dtype), bb.to(dtype), scale), exact64
+        )
         assert err <= bound
 
 

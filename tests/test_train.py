@@ -397,3 +397,37 @@ def test_causal_lm_from_a_model_directory(tiny_llama_dir, tmp_path):
         model, enc, T.Task("causal-lm", None, None), torch.device("cpu"), T.Dist(), 64, None
     )
     assert again["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+
+
+def test_demo_flow_on_a_small_budget(tmp_path, capsys):
+    """The demo's whole flow on a tiny budget: the table has the three variants, ONNX fp32
+    predicts exactly what PyTorch does, and missing the accuracy target (certain after 3
+    steps) is an exit status of 1, not a silent pass."""
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--steps", "3", "--batch-size", "8", "--max-train", "64"]
+    argv += ["--max-val", "48", "--latency-sentences", "3", "--threads", "1", "--no-progress"]
+    status = cli.main(argv)
+    table = capsys.readouterr().out
+    result = json.loads((out / "demo.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["PyTorch (LoRA)", "ONNX fp32", "ONNX int8"]
+    assert result["n_val"] == 48
+    checks = result["checks"]
+    assert checks["ONNX fp32 predictions equal PyTorch"]
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["ONNX fp32"]["agreement"] == 1.0
+    assert rows["ONNX int8"]["size_bytes"] * 3 < rows["ONNX fp32"]["size_bytes"]
+    assert all(r["latency_ms"] > 0 for r in result["rows"])
+    assert status == (0 if all(checks.values()) else 1)
+    for variant in rows:
+        assert variant in table
+
+
+def test_resume_refuses_changed_data(tmp_path, capsys):
+    data_file = Path(_csv(tmp_path, "d.csv", "text,label\n" + GOOD_ROWS))
+    out = tmp_path / "run"
+    assert _train(out, "--data", str(data_file), "--steps", "3", "--stop-at", "1") == 0
+    data_file.write_text(data_file.read_text().replace("text 7,", "text seven,"))
+    capsys.readouterr()
+    assert _train(out, "--data", str(data_file), "--steps", "3", "--resume") == 2
+    assert "differ from those" in capsys.readouterr().err
+    assert T.load_checkpoint(T.find_checkpoint(out / "checkpoints"))["step"] == 1

@@ -34,7 +34,6 @@ LORA_CPU_CLONES void keep_flags_lo(uint32_t k0, uint32_t khi, uint32_t threshold
   }
 }
 
-
 // float32 row kernels with the mask evaluated inline (no flag array), compiled per ISA like
 // keep_flags_lo. All n indices share the high word (lo0 + n <= 2^32).
 //   drop:        out[j] = x[j] * m(j)
@@ -99,7 +98,7 @@ void keep_flags(const rng::DropoutKey& key, uint64_t idx0, int64_t n, uint8_t* k
 
 namespace {
 
-constexpr int64_t kRows = 128;  // rows per dropout block: 64 x in floats stay in L2
+constexpr int64_t kRows = 64;  // rows per dropout block: 64 x in floats stay in L2
 
 // Splits [0, nblocks) into one contiguous range per thread; fn(group, b0, b1). The partition
 // depends only on the sizes, so reductions over groups are deterministic.
@@ -134,7 +133,8 @@ void drop_rows(const at::Tensor& x2, int64_t i0, int64_t rows, const Dropout& dr
     } else {
       keep.resize(in);
       keep_flags(drop.key, idx0, in, keep.data());
-      for (int64_t j = 0; j < in; ++j) orow[j] = static_cast<acc_t>(xr[j]) * (keep[j] ? inv : acc_t(0));
+      for (int64_t j = 0; j < in; ++j)
+        orow[j] = static_cast<acc_t>(xr[j]) * (keep[j] ? inv : acc_t(0));
     }
   }
 }
@@ -152,7 +152,7 @@ void forward_impl(const at::Tensor& x2, const std::optional<at::Tensor>& bias,
   const int64_t n = x2.size(0), in = x2.size(1), r = lora_a.size(0);
   const auto acc_opts = x2.options().dtype(acc_type(x2.scalar_type()));
   const at::Tensor a_t = drop.active ? lora_a.to(acc_opts.dtype()).t() : lora_a.t();  // [in, r]
-  const at::Tensor b_t = lora_b.t();                                                   // [r, out]
+  const at::Tensor b_t = lora_b.t();                                                  // [r, out]
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor zero = at::zeros({}, y.options());
   const int64_t nblocks = (n + kRows - 1) / kRows;
@@ -200,7 +200,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
   const int64_t n = x2.size(0), in = x2.size(1), r = lora_a.size(0), out = lora_b.size(0);
   const auto acc_opts = x2.options().dtype(acc_type(x2.scalar_type()));
   const at::Tensor a32 = lora_a.to(acc_opts.dtype()).contiguous();  // [r, in]
-  const at::Tensor b32 = lora_b.to(acc_opts.dtype());                // [out, r]
+  const at::Tensor b32s = lora_b.to(acc_opts.dtype()).mul(scale);   // [out, r], scale folded in
   const bool need_x = grad_x != nullptr, need_a = grad_a != nullptr, need_b = grad_b != nullptr;
   const bool need_g = need_x || need_a;
   const int64_t nblocks = (n + kRows - 1) / kRows;
@@ -237,8 +237,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
       }
       if (!need_g) continue;
       at::Tensor g_b = g.narrow(0, 0, rows);
-      at::mm_out(g_b, dy_b, b32);
-      g_b.mul_(scale);
+      at::mm_out(g_b, dy_b, b32s);
       at::Tensor t = t_needed ? tbuf.narrow(0, 0, rows) : at::Tensor();
       if (t_needed) at::mm_out(t, g_b, a32);
       if (!drop.active) {
@@ -265,15 +264,17 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
         acc_t* dr = need_a ? dbuf.data_ptr<acc_t>() + i * in : nullptr;
         if constexpr (std::is_same_v<scalar_t, float>) {
           const uint32_t k0 = drop.key.k0, thr = drop.key.threshold;
-          for_each_run(drop.key, idx0, in, [&](int64_t off, int64_t len, uint32_t lo, uint32_t khi) {
-            if (need_x && need_a) {
-              axpy_drop_run_f32(dxr + off, tr + off, xr + off, dr + off, len, k0, khi, thr, lo, inv);
-            } else if (need_x) {
-              axpy_run_f32(dxr + off, tr + off, len, k0, khi, thr, lo, inv);
-            } else {
-              drop_run_f32(xr + off, dr + off, len, k0, khi, thr, lo, inv);
-            }
-          });
+          for_each_run(drop.key, idx0, in,
+                       [&](int64_t off, int64_t len, uint32_t lo, uint32_t khi) {
+                         if (need_x && need_a) {
+                           axpy_drop_run_f32(dxr + off, tr + off, xr + off, dr + off, len, k0, khi,
+                                             thr, lo, inv);
+                         } else if (need_x) {
+                           axpy_run_f32(dxr + off, tr + off, len, k0, khi, thr, lo, inv);
+                         } else {
+                           drop_run_f32(xr + off, dr + off, len, k0, khi, thr, lo, inv);
+                         }
+                       });
         } else {
           keep_flags(drop.key, idx0, in, keep.data());
           for (int64_t j = 0; j < in; ++j) {
@@ -301,11 +302,9 @@ struct CpuKernels {
                                                          const Dropout& drop) {
     at::Tensor y = at::empty({x2.size(0), lora_b.size(0)}, x2.options());
     at::Tensor xa = at::empty({x2.size(0), lora_a.size(0)}, x2.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(),
-                                    "lora_ext::lora_forward", [&] {
-                                      forward_impl<scalar_t>(x2, bias, lora_a, lora_b, scale, drop,
-                                                             y, xa);
-                                    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, x2.scalar_type(), "lora_ext::lora_forward",
+        [&] { forward_impl<scalar_t>(x2, bias, lora_a, lora_b, scale, drop, y, xa); });
     return {y, xa};
   }
 
@@ -313,11 +312,10 @@ struct CpuKernels {
                             const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
                             const Dropout& drop, at::Tensor* grad_x, at::Tensor* grad_a,
                             at::Tensor* grad_b) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(),
-                                    "lora_ext::lora_backward", [&] {
-                                      backward_impl<scalar_t>(dy, x2, xa2, lora_a, lora_b, scale,
-                                                              drop, grad_x, grad_a, grad_b);
-                                    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, x2.scalar_type(), "lora_ext::lora_backward", [&] {
+          backward_impl<scalar_t>(dy, x2, xa2, lora_a, lora_b, scale, drop, grad_x, grad_a, grad_b);
+        });
   }
 };
 

@@ -5,10 +5,10 @@
 // layouts work in row tiles: the delta of a tile is computed in float32 into a small per-thread
 // buffer and added to the weight with a single rounding.
 #include <ATen/ATen.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,7 +22,9 @@ namespace cpu {
 namespace {
 
 // rows per tile: about 64 KB of float32 delta per thread, at least one row
-int64_t tile_rows(int64_t k) { return std::clamp<int64_t>((int64_t{1} << 14) / std::max<int64_t>(k, 1), 1, 256); }
+int64_t tile_rows(int64_t k) {
+  return std::clamp<int64_t>((int64_t{1} << 14) / std::max<int64_t>(k, 1), 1, 256);
+}
 
 // check == false: w += delta tile by tile. check == true: write nothing, return whether the
 // delta is finite everywhere and no finite weight would become non-finite after rounding.

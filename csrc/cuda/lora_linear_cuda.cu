@@ -63,7 +63,8 @@ __global__ void masked_grad_kernel(scalar_t* __restrict__ grad_x, scalar_t* __re
       grad_x[idx] = static_cast<scalar_t>(static_cast<acc_t>(grad_x[idx]) +
                                           g_scale * m * static_cast<acc_t>(t[idx]));
     }
-    if (write_drop) t[idx] = static_cast<scalar_t>(static_cast<acc_t>(x[strided(idx, in, ldx)]) * m);
+    if (write_drop)
+      t[idx] = static_cast<scalar_t>(static_cast<acc_t>(x[strided(idx, in, ldx)]) * m);
   }
 }
 
@@ -100,8 +101,8 @@ struct CudaKernels {
                                                          const at::Tensor& lora_b, double scale,
                                                          const Dropout& drop) {
     const c10::cuda::CUDAGuard device_guard(x2.device());
-    const at::Tensor xa = drop.active ? at::mm(dropped_copy(x2, drop), lora_a.t())
-                                      : at::mm(x2, lora_a.t());
+    const at::Tensor xa =
+        drop.active ? at::mm(dropped_copy(x2, drop), lora_a.t()) : at::mm(x2, lora_a.t());
     const bool has_bias = bias.has_value() && bias->defined();
     at::Tensor y = at::addmm(has_bias ? *bias : at::zeros({}, x2.options()), xa, lora_b.t(),
                              /*beta=*/has_bias ? 1.0 : 0.0, /*alpha=*/scale);
@@ -137,8 +138,8 @@ struct CudaKernels {
             masked_grad_kernel<scalar_t, acc_t>
                 <<<grid_for(n * in), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
                     grad_x != nullptr ? grad_x->mutable_data_ptr<scalar_t>() : nullptr,
-                    t.mutable_data_ptr<scalar_t>(), x2.const_data_ptr<scalar_t>(), x2.stride(0),
-                    n, in, drop.key, static_cast<acc_t>(drop.inv_keep), static_cast<acc_t>(scale),
+                    t.mutable_data_ptr<scalar_t>(), x2.const_data_ptr<scalar_t>(), x2.stride(0), n,
+                    in, drop.key, static_cast<acc_t>(drop.inv_keep), static_cast<acc_t>(scale),
                     grad_a != nullptr);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
@@ -169,9 +170,9 @@ at::Tensor dropout_mask_cuda(const at::Tensor& like, const at::Tensor& seed, dou
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                 const std::optional<at::Tensor>& bias,
-                                                const at::Tensor& lora_a,
-                                                const at::Tensor& lora_b, double scale,
-                                                double dropout_p, const at::Tensor& seed) {
+                                                const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                double scale, double dropout_p,
+                                                const at::Tensor& seed) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   return lora_linear_forward<CudaKernels>(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
 }
@@ -181,8 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& xa, double scale,
     double dropout_p, const at::Tensor& seed, std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  return lora_linear_backward<CudaKernels>(grad_y, x, weight, lora_a, lora_b, xa, scale,
-                                           dropout_p, seed, output_mask);
+  return lora_linear_backward<CudaKernels>(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p,
+                                           seed, output_mask);
 }
 
 }  // namespace

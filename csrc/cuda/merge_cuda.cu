@@ -19,9 +19,9 @@ namespace lora_ext {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;   // columns per block
-constexpr int kTileRows = 32;   // rows per block
-constexpr int kChunk = 16;      // ranks per shared-memory chunk
+constexpr int kThreads = 256;  // columns per block
+constexpr int kTileRows = 32;  // rows per block
+constexpr int kChunk = 16;     // ranks per shared-memory chunk
 
 template <typename T>
 __device__ __forceinline__ bool finite(T v) {
@@ -84,16 +84,15 @@ void launch_merge(const MergeProblem& pr, int* bad) {
   LORA_CHECK(row_blocks <= 65535, "merge_: weight has too many rows (", m, ") for one launch");
   const dim3 grid(static_cast<unsigned>((k + kThreads - 1) / kThreads),
                   static_cast<unsigned>(row_blocks));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "lora_ext::merge_cuda",
-                                  [&] {
-                                    using acc_t = at::opmath_type<scalar_t>;
-                                    merge_kernel<scalar_t, acc_t, kCheck>
-                                        <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                                            w.data_ptr<scalar_t>(), m, k, w.stride(0), w.stride(1),
-                                            pr.bs.const_data_ptr<acc_t>(),
-                                            pr.a.const_data_ptr<acc_t>(), r, bad);
-                                    C10_CUDA_KERNEL_LAUNCH_CHECK();
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, w.scalar_type(), "lora_ext::merge_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        merge_kernel<scalar_t, acc_t, kCheck>
+            <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                w.data_ptr<scalar_t>(), m, k, w.stride(0), w.stride(1),
+                pr.bs.const_data_ptr<acc_t>(), pr.a.const_data_ptr<acc_t>(), r, bad);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 void merge_cuda(at::Tensor weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
