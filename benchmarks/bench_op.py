@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {device_name(device)}", flush=True)
         res = run_device(device, args.quick)
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"bench_op_{device.type}{'_quick' if args.quick else ''}.json"
+        tag = f"_t{args.threads}" if args.threads and device.type == "cpu" else ""
+        path = args.out / f"bench_op_{device.type}{tag}{'_quick' if args.quick else ''}.json"
         path.write_text(json.dumps(res, indent=2))
         print(f"wrote {path}")
         tables.append(table(res))

@@ -271,7 +271,9 @@ def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
     """--device auto: the local rank's CUDA device when there is one, else the CPU."""
     if cfg.device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)  # NCCL and all_gather_object use the current device
+            return device
         return torch.device("cpu")
     device = torch.device(cfg.device)
     if device.type == "cuda":

@@ -431,3 +431,16 @@ def test_resume_refuses_changed_data(tmp_path, capsys):
     assert _train(out, "--data", str(data_file), "--steps", "3", "--resume") == 2
     assert "differ from those" in capsys.readouterr().err
     assert T.load_checkpoint(T.find_checkpoint(out / "checkpoints"))["step"] == 1
+
+
+def test_bbc_news_five_classes(tmp_path):
+    out = tmp_path / "bbc"
+    args = ["--data", "bbc-news", "--steps", "2", "--max-length", "32", "--max-val", "10"]
+    assert cli.main(["train", *TINY, *args, "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["classes"] == ["business", "entertainment", "politics", "sports", "tech"]
+    assert run["split"]["n_val"] == 51 + 39 + 42 + 51 + 40  # 10% per class, before --max-val
+    head = _adapter(out)["base_model.model.classifier.weight"]
+    assert head.shape == (5, 384)
+    task = json.loads((out / "adapter" / "lora_ext_task.json").read_text())
+    assert task["classes"] == run["classes"]
