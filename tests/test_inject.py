@@ -32,7 +32,11 @@ def test_matches_peft_forward_and_grads(real_model, randomize, peft_twin, peft_m
     y_peft = real_model.run(twin)
     y_base = real_model.run(real_model.model)
     assert (y - y_base).abs().max() > 1e-3  # the adapters do change the output
-    torch.testing.assert_close(y, y_peft, **PEFT_TOL)
+    # Both run the same float32 maths but through different GEMM calls (ours fused, PEFT's
+    # three nn.Linear), so rounding differs by a few ulps of the output's magnitude; measured
+    # against that magnitude, not absolutely (SmolLM2's logits reach ~30 after 30 layers).
+    out_scale = y_peft.abs().max().item()
+    torch.testing.assert_close(y / out_scale, y_peft / out_scale, **PEFT_TOL)
 
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
     (y * g).sum().backward()
