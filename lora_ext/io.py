@@ -11,12 +11,22 @@ Pickle files (``adapter_model.bin``, ``.pt``) are refused: unpickling runs arbit
 
 PiSSA adapters are saved with ``init_lora_weights="pissa"``; as in PEFT, loading one onto the
 original base model recomputes the SVD residual of W and then loads A and B.
+
+``modules_to_save`` (whole modules trained next to LoRA, e.g. the classifier head of a PEFT
+``SEQ_CLS`` adapter) are stored as PEFT stores them: every ``state_dict`` tensor of each
+selected module under its plain path (PEFT's in-model ``classifier.modules_to_save.<adapter>
+.weight`` is saved as ``base_model.model.classifier.weight``). A module is selected as in
+PEFT: its dotted name ends with one of the entries. Unlike PEFT, which keeps one copy of the
+module per adapter, lora_ext keeps a single copy: loading writes the saved tensors into the
+model's own module (``model.classifier``), so it is shared by every adapter on the model and
+the last adapter loaded with it wins.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +41,9 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# {adapter name: {"modules_to_save": [...], "task_type": ...}} for adapters loaded with
+# modules_to_save, so that save_adapter writes them back the same way by default.
+_SAVED_MODULES_ATTR = "_lora_ext_modules_to_save"
 
 
 def _pickle_error(path: Path) -> ValueError:
@@ -95,8 +108,63 @@ def _bias_names(model: nn.Module, config: LoraConfig, adapted: list[str]) -> lis
     return [f"{m}.base_layer.bias" for m in adapted if f"{m}.base_layer.bias" in names]
 
 
+def _module_names_arg(arg: str, value: Any) -> list[str]:
+    """A modules_to_save value as a list of non-empty strings ([] for None / empty)."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(
+            f"{arg}: got {value!r}, need a list of module names such as ['classifier']"
+        )
+    for name in value:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{arg}: entry {name!r} is not a non-empty string")
+    return list(value)
+
+
+def _select_modules(model: nn.Module, patterns: list[str], arg: str) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the modules that ``modules_to_save`` entries select: as PEFT does,
+    each module whose dotted name ends with an entry (modules inside a selected one travel
+    with it). Entries that match nothing are skipped, as PEFT does (its SEQ_CLS configs list
+    both "classifier" and "score"); if none matches, ValueError. A module holding LoRA layers
+    is refused: its tensors would mix base weights with an adapter's."""
+    if not patterns:
+        return []
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or not any(name.endswith(p) for p in patterns):
+            continue
+        if any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if any(isinstance(m, LoraLinear) for m in module.modules()):
+            raise ValueError(
+                f"{arg}: {patterns!r} selects {name!r}, which holds LoRA layers; a module "
+                "to save must not also be a LoRA target"
+            )
+        found.append((name, module))
+    if not found:
+        raise ValueError(
+            f"{arg}: {patterns!r} matches no module of {type(model).__name__} "
+            f"(top-level modules: {[n for n, _ in model.named_children()]})"
+        )
+    return found
+
+
+def _module_tensors(modules: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+    """{"<module>.<state_dict key>": the live parameter or buffer} of the selected modules."""
+    return {
+        f"{name}.{key}": tensor
+        for name, module in modules
+        for key, tensor in module.state_dict(keep_vars=True).items()
+    }
+
+
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    task_type: str | None = None,
 ) -> Path:
     """Write one adapter as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -104,6 +172,14 @@ def save_adapter(
         model: a model with LoRA adapters (merged or not).
         path: the directory to write (created if needed; existing files are replaced).
         adapter_name: which adapter; default: the only one, or the only active one.
+        modules_to_save: PEFT's ``modules_to_save``: names of whole modules saved with the
+            adapter (e.g. ``["classifier"]``, a trained head; every tensor of its
+            ``state_dict``, as ``base_model.model.classifier.weight`` [labels, hidden] ...).
+            Default: what the adapter was loaded with (see ``load_adapter``), else none.
+            These modules are shared by all adapters on the model (one copy, not PEFT's one
+            per adapter), so their current values are written.
+        task_type: PEFT's ``task_type`` for the config (e.g. ``"SEQ_CLS"``). Default: what
+            the adapter was loaded with, else None.
 
     Returns: the directory path.
     """
@@ -122,10 +198,20 @@ def save_adapter(
     params = dict(model.named_parameters())
     for bias_name in _bias_names(model, config, [n for n, _ in layers]):
         tensors[PREFIX + bias_name] = params[bias_name].detach()
+    recorded = getattr(model, _SAVED_MODULES_ATTR, {}).get(name, {})
+    if modules_to_save is None:
+        modules_to_save = recorded.get("modules_to_save")
+    if task_type is None:
+        task_type = recorded.get("task_type")
+    patterns = _module_names_arg("modules_to_save", modules_to_save)
+    for key, tensor in _module_tensors(_select_modules(model, patterns, "modules_to_save")).items():
+        tensors[PREFIX + key] = tensor.detach()
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
 
     base_cls = type(model)
     extra: dict[str, Any] = {
+        "modules_to_save": patterns or None,
+        "task_type": task_type,
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
         "auto_mapping": {
             "base_model_class": base_cls.__name__,
@@ -147,10 +233,18 @@ def load_adapter(
 ) -> nn.Module:
     """Load a PEFT-format adapter (saved by PEFT or by ``save_adapter``) into ``model``.
 
-    All or nothing: the config, every key and every shape are checked against the model
-    before it is touched; on a mismatch ValueError names the first one and the model is
-    exactly as before. The adapter becomes active if it is the model's first one (else
-    ``set_adapter`` picks it, as in PEFT).
+    All or nothing: the config, every key and every shape (LoRA tensors and
+    ``modules_to_save`` tensors alike) are checked against the model before it is touched;
+    on a mismatch ValueError names the first one and the model is exactly as before. The
+    adapter becomes active if it is the model's first one (else ``set_adapter`` picks it,
+    as in PEFT).
+
+    ``modules_to_save`` (e.g. the classifier head of a PEFT SEQ_CLS adapter, saved as
+    ``base_model.model.classifier.weight`` [labels, hidden] and ``.bias`` [labels]): every
+    tensor of each selected module must be in the file; they are copied into the model's
+    own module, which is therefore shared by all adapters on the model (PEFT keeps one copy
+    per adapter; here the last adapter loaded with the module sets it). The config's
+    ``modules_to_save`` and ``task_type`` are remembered for ``save_adapter``.
 
     Args:
         model: the base model (plain, or already carrying other adapters).
@@ -168,7 +262,11 @@ def load_adapter(
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
-    config = LoraConfig.from_peft_dict(raw)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path}: need a JSON object, got {type(raw).__name__}")
+    patterns = _module_names_arg(f"{CONFIG_NAME} modules_to_save", raw.get("modules_to_save"))
+    # LoraConfig describes the LoRA part only; the saved modules are handled here.
+    config = LoraConfig.from_peft_dict({**raw, "modules_to_save": None})
     try:
         state = load_file(str(weights_path))
     except SafetensorError as exc:
@@ -182,6 +280,16 @@ def load_adapter(
             f"{sorted(set(configs) | in_layers)}); pick another name"
         )
     targets = resolve_targets(model, config)
+    saved_modules = _select_modules(model, patterns, f"{CONFIG_NAME} modules_to_save")
+    target_names = {n for n, _ in targets}
+    for module_name, _ in saved_modules:
+        inside = [t for t in target_names if t == module_name or t.startswith(f"{module_name}.")]
+        if inside:
+            raise ValueError(
+                f"{CONFIG_NAME}: modules_to_save selects {module_name!r}, which target_modules "
+                f"also adapts ({inside[0]!r}); a module cannot be both"
+            )
+    module_tensors = _module_tensors(saved_modules)
 
     # expected tensors, with the names the model will have after injection
     expected: dict[str, tuple[int, ...]] = {}
@@ -202,22 +310,30 @@ def load_adapter(
     for key in sorted(state):
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         tensor = state[key]
-        if name in expected:
+        if name in module_tensors:
+            target = module_tensors[name]
+            need = tuple(target.shape)
+            if tensor.is_floating_point() != target.is_floating_point():
+                raise ValueError(
+                    f"{weights_path.name}: key {key!r} has dtype {tensor.dtype} but the model's "
+                    f"tensor is {target.dtype}"
+                )
+        elif name in expected:
             need = expected[name]
         elif "bias" in name.rsplit(".", 1)[-1] and name in post_params and config.bias != "none":
             need = tuple(post_params[name].shape)
         else:
             raise ValueError(
                 f"{weights_path.name}: key {key!r} does not fit the model: no such LoRA "
-                f"tensor for target_modules={config.target_modules!r} "
-                f"(expected keys like {PREFIX}{next(iter(expected))})"
+                f"tensor for target_modules={config.target_modules!r} nor tensor of "
+                f"modules_to_save={patterns!r} (expected keys like {PREFIX}{next(iter(expected))})"
             )
         if tuple(tensor.shape) != need:
             raise ValueError(
                 f"{weights_path.name}: key {key!r} has shape {list(tensor.shape)} but the model "
                 f"needs {list(need)}"
             )
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() and name not in module_tensors:
             raise ValueError(
                 f"{weights_path.name}: key {key!r} has dtype {tensor.dtype}, need floating point"
             )
@@ -228,6 +344,12 @@ def load_adapter(
             f"{weights_path.name}: missing key {PREFIX + missing[0]!r} ({len(missing)} missing "
             f"of {len(expected)} LoRA tensors the config selects)"
         )
+    missing = [n for n in module_tensors if n not in loaded]
+    if missing:
+        raise ValueError(
+            f"{weights_path.name}: missing key {PREFIX + missing[0]!r} ({len(missing)} missing "
+            f"of {len(module_tensors)} tensors of modules_to_save={patterns!r})"
+        )
 
     # everything fits: now change the model. PiSSA residualises W exactly as PEFT does on
     # load; otherwise A and B start at zero (no random draws) and are overwritten here.
@@ -237,12 +359,18 @@ def load_adapter(
     with torch.no_grad():
         for name, tensor in loaded.items():
             module_name, _, leaf = name.rpartition(".")
-            if leaf == "weight" and module_name.endswith((".lora_A", ".lora_B")):
+            if name in module_tensors:  # the live tensor of the (unwrapped) saved module
+                module_tensors[name].copy_(tensor)
+            elif leaf == "weight" and module_name.endswith((".lora_A", ".lora_B")):
                 layer_name, _, which = module_name.rpartition(".")
                 table = getattr(layers[layer_name], which)
                 table[adapter_name].copy_(tensor)
             else:
                 params[name].copy_(tensor)
+    if patterns:
+        recorded = dict(getattr(model, _SAVED_MODULES_ATTR, {}))
+        recorded[adapter_name] = {"modules_to_save": patterns, "task_type": raw.get("task_type")}
+        setattr(model, _SAVED_MODULES_ATTR, recorded)
     return model
 
 

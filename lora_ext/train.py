@@ -492,41 +492,13 @@ def save_trained_adapter(model: nn.Module, path: Path, task: Task) -> Path:
 
 def load_trained_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by :func:`save_trained_adapter` (or by PEFT for SEQ_CLS) into a
-    base model: the LoRA tensors through ``lora_ext.load_adapter``, the head (PEFT's
-    ``modules_to_save``) copied into the model. Checked in full before the model changes."""
-    import tempfile
-
-    from safetensors.torch import load_file, save_file
-
+    base model: ``lora_ext.load_adapter`` reads the LoRA tensors and the head (PEFT's
+    ``modules_to_save``), all checked before the model changes; the class names of
+    ``lora_ext_task.json``, when present, become the model's id2label / label2id."""
     import lora_ext
 
     path = Path(path)
-    config = json.loads((path / "adapter_config.json").read_text())
-    heads = config.get("modules_to_save") or []
-    if not heads:
-        return lora_ext.load_adapter(model, path)
-    tensors = load_file(str(path / "adapter_model.safetensors"))
-    head_tensors: dict[str, torch.Tensor] = {}
-    params = dict(model.named_parameters())
-    for key in list(tensors):
-        name = key.removeprefix("base_model.model.")
-        if any(name.startswith(h + ".") for h in heads):
-            if name not in params or params[name].shape != tensors[key].shape:
-                got = list(tensors[key].shape)
-                need = list(params[name].shape) if name in params else "no such parameter"
-                raise ValueError(
-                    f"{path}: head tensor {key!r} {got} does not fit the model ({need})"
-                )
-            head_tensors[name] = tensors.pop(key)
-    # lora_ext.load_adapter reads LoRA tensors only: hand it the adapter without the head.
-    with tempfile.TemporaryDirectory() as tmp:
-        lora_only = dict(config, modules_to_save=None)
-        (Path(tmp) / "adapter_config.json").write_text(json.dumps(lora_only))
-        save_file(tensors, str(Path(tmp) / "adapter_model.safetensors"))
-        lora_ext.load_adapter(model, tmp)
-    with torch.no_grad():
-        for name, tensor in head_tensors.items():
-            params[name].copy_(tensor)
+    lora_ext.load_adapter(model, path)
     task_file = path / "lora_ext_task.json"
     if task_file.is_file() and hasattr(model, "config"):
         classes = json.loads(task_file.read_text()).get("classes")

@@ -273,3 +273,125 @@ def test_pickles_are_refused(gpt2, saved, snapshot, name):
         with pytest.raises(ValueError, match="pickle file.*safetensors only.*arbitrary code"):
             lora_ext.load_adapter(model, target)
     snap()
+
+
+# -- modules_to_save: a SEQ_CLS adapter's trained head, in PEFT's layout -------------------
+HEAD_KEYS = {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
+
+
+def _perturb_head(model, seed: int) -> None:
+    """Give the classifier head values no base model has (stand-in for a trained head)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.fixture
+def peft_seq_cls(minilm_classifier, tmp_path):
+    """A PEFT SEQ_CLS adapter (query/value, r=4, head in modules_to_save) with random B and a
+    changed head, saved by save_pretrained: (PEFT model, directory)."""
+    import peft
+
+    twin = peft_model(
+        minilm_classifier.model,
+        task_type="SEQ_CLS",
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+    )
+    randomize_peft(twin, seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if "classifier.modules_to_save.default." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    twin.save_pretrained(tmp_path / "peft")
+    assert isinstance(twin.base_model.model.classifier, peft.utils.other.ModulesToSaveWrapper)
+    return twin, tmp_path / "peft"
+
+
+def test_peft_seq_cls_adapter_loads_into_ours(minilm_classifier, peft_seq_cls, tmp_path):
+    twin, path = peft_seq_cls
+    keys = set(load_file(path / "adapter_model.safetensors"))
+    assert keys >= HEAD_KEYS  # PEFT drops "modules_to_save.default." from the key
+    ours = lora_ext.load_adapter(minilm_classifier.fresh(), path)
+    head = twin.base_model.model.classifier.modules_to_save["default"]
+    torch.testing.assert_close(ours.classifier.weight, head.weight, rtol=0, atol=0)
+    torch.testing.assert_close(minilm_classifier.run(ours), minilm_classifier.run(twin), **TOL)
+    # saved again by us (modules_to_save remembered from the load): same keys, same logits
+    lora_ext.save_adapter(ours, tmp_path / "again")
+    assert set(load_file(tmp_path / "again" / "adapter_model.safetensors")) == keys
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and "classifier" in config["modules_to_save"]
+    again = lora_ext.load_adapter(minilm_classifier.fresh(), tmp_path / "again")
+    torch.testing.assert_close(
+        minilm_classifier.run(again), minilm_classifier.run(ours), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", None])
+def test_our_adapter_with_head_loads_into_peft(minilm_classifier, tmp_path, randomize, task_type):
+    import copy
+
+    import peft
+
+    ours = lora_ext.inject_(
+        minilm_classifier.fresh(), LoraConfig(r=4, alpha=8, target_modules=["query", "value"])
+    )
+    randomize(ours, seed=5)
+    _perturb_head(ours, seed=6)
+    lora_ext.save_adapter(ours, tmp_path, modules_to_save=["classifier"], task_type=task_type)
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) >= HEAD_KEYS
+    base = copy.deepcopy(minilm_classifier.model)
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    assert isinstance(theirs.base_model.model.classifier, peft.utils.other.ModulesToSaveWrapper)
+    torch.testing.assert_close(minilm_classifier.run(theirs), minilm_classifier.run(ours), **TOL)
+    # the base model's own head played no part: PEFT used its saved copy
+    assert not torch.equal(
+        minilm_classifier.run(minilm_classifier.model), minilm_classifier.run(ours)
+    )
+
+
+HEAD_W = "base_model.model.classifier.weight"
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (
+            lambda p: _edit_tensors(p, lambda t: t.update({HEAD_W: torch.zeros(3, 384)})),
+            rf"'{HEAD_W}' has shape \[3, 384\] but the model needs \[2, 384\]",
+        ),
+        (
+            lambda p: _edit_tensors(p, lambda t: t.pop("base_model.model.classifier.bias")),
+            "missing key 'base_model.model.classifier.bias'.*modules_to_save",
+        ),
+        (
+            lambda p: _edit_config(p, lambda c: c.update(modules_to_save=["nohead"])),
+            r"modules_to_save: \['nohead'\] matches no module",
+        ),
+        (
+            lambda p: _edit_config(p, lambda c: c.update(modules_to_save=None)),
+            "'base_model.model.classifier.bias' does not fit the model",
+        ),
+        (
+            lambda p: _edit_config(p, lambda c: c.update(modules_to_save=["query"])),
+            "which target_modules also adapts",
+        ),
+    ],
+)
+def test_bad_head_leaves_model_unchanged(minilm_classifier, peft_seq_cls, snapshot, edit, match):
+    _, path = peft_seq_cls
+    edit(path)
+    for model in (
+        minilm_classifier.fresh(),
+        lora_ext.inject_(
+            minilm_classifier.fresh(), LoraConfig(r=2, target_modules=["key"]), "kept"
+        ),
+    ):
+        snap = snapshot(model)
+        with pytest.raises(ValueError, match=match):
+            lora_ext.load_adapter(model, path, adapter_name="new")
+        snap()
