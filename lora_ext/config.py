@@ -165,7 +165,8 @@ class LoraConfig:
         """Build a config from PEFT's ``adapter_config.json`` content.
 
         Raises ValueError for adapters that are not LoRA or use features lora_ext does not
-        implement (DoRA, modules_to_save, layers_to_transform, ...), naming the field.
+        implement (DoRA, layers_to_transform, ...), naming the field. ``modules_to_save``
+        (e.g. a classifier head) is handled by ``lora_ext.io``, not by the config.
         """
         peft_type = data.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
