@@ -1,5 +1,7 @@
 """Edge inference of the MiniLM classifier: PyTorch eager with the LoRA adapter unmerged vs
-onnxruntime on the merged export (fp32, int8) and on the base model's export, side by side.
+onnxruntime on the merged export (fp32, int8) and on the base model's export, side by side,
+each as plain ONNX and, for the merged model, also fused (``optimize="bert"``: onnxruntime
+contrib ops Attention/SkipLayerNorm/BiasGelu/EmbedLayerNorm).
 
 The model: MiniLM-L6 (BertForSequenceClassification) fine-tuned on Rotten Tomatoes with
 ``lora_ext.train`` (LoRA r=8, alpha=16 on query/key/value, the trainer's defaults, plus the
@@ -10,7 +12,8 @@ of training one here.
 Latency: batch 1, sequence 128 (real review text, no padding); every variant runs the same
 input with the same thread count, in interleaved rounds so that machine noise hits all
 alike; the figure is the median over all timed runs. Agreement: argmax of int8 vs fp32 on
-1,000 snippets of the validation split (never trained on).
+1,000 snippets of the validation split (never trained on); the fused fp32 and int8 exports
+are compared with the plain fp32 one the same way.
 
     python benchmarks/bench_export.py [--rounds 7 --runs 20 --threads N --adapter DIR]
 
@@ -190,11 +193,17 @@ def main() -> int:
             adapter = train_adapter(tmp / "run", args.train_steps, args.threads)
         model, tokenizer = build_model(adapter)
         example = seq_input(tokenizer, eval_texts[::-1], args.seq)
-        print("exporting merged fp32, base fp32, merged int8 ...", file=sys.stderr)
+        print("exporting merged fp32, base fp32, merged int8, fused fp32/int8 ...", file=sys.stderr)
         reports = {
             "ort_fp32_merged": export_onnx(model, example, tmp / "merged.onnx"),
             "ort_fp32_base": export_onnx(base_of(model), example, tmp / "base.onnx"),
             "ort_int8_merged": export_onnx(model, example, tmp / "int8.onnx", quantize="int8"),
+            "ort_fp32_merged_fused": export_onnx(
+                model, example, tmp / "merged_fused.onnx", optimize="bert"
+            ),
+            "ort_int8_merged_fused": export_onnx(
+                model, example, tmp / "int8_fused.onnx", quantize="int8", optimize="bert"
+            ),
         }
         sessions = {name: session(r.path, args.threads) for name, r in reports.items()}
         feeds = {k: v.numpy() for k, v in example.items()}
@@ -228,6 +237,10 @@ def main() -> int:
         logits32 = predict(sessions["ort_fp32_merged"], tokenizer, eval_texts, args.eval_batch)
         logits8 = predict(sessions["ort_int8_merged"], tokenizer, eval_texts, args.eval_batch)
         pred32, pred8 = logits32.argmax(-1), logits8.argmax(-1)
+        pred_fused = {
+            name: predict(sessions[name], tokenizer, eval_texts, args.eval_batch).argmax(-1)
+            for name in ("ort_fp32_merged_fused", "ort_int8_merged_fused")
+        }
         # how sure fp32 was where int8 disagrees: near-ties flip under any small error
         probs32 = np.exp(logits32 - logits32.max(-1, keepdims=True))
         probs32 /= probs32.sum(-1, keepdims=True)
@@ -243,6 +256,16 @@ def main() -> int:
         "ort_int8_speedup_vs_fp32": median_ms["ort_fp32_merged"] / median_ms["ort_int8_merged"],
         "int8_size_ratio": sizes["ort_fp32_merged"] / sizes["ort_int8_merged"],
         "int8_argmax_agreement": float((pred32 == pred8).mean()),
+        "ort_fp32_fused_speedup_vs_torch_eager_lora": median_ms["torch_eager_lora"]
+        / median_ms["ort_fp32_merged_fused"],
+        "fp32_fused_argmax_agreement": float(
+            (pred_fused["ort_fp32_merged_fused"] == pred32).mean()
+        ),
+        "int8_fused_speedup_vs_fp32_fused": median_ms["ort_fp32_merged_fused"]
+        / median_ms["ort_int8_merged_fused"],
+        "int8_fused_argmax_agreement": float(
+            (pred_fused["ort_int8_merged_fused"] == pred32).mean()
+        ),
     }
     targets = {
         "ort_fp32_merged_speedup_vs_torch_eager_lora": (">=", TARGET_SPEEDUP_VS_EAGER),
@@ -250,6 +273,10 @@ def main() -> int:
         "ort_int8_speedup_vs_fp32": (">=", TARGET_INT8_SPEEDUP),
         "int8_size_ratio": (">=", TARGET_INT8_SIZE_RATIO),
         "int8_argmax_agreement": (">=", TARGET_AGREEMENT),
+        "ort_fp32_fused_speedup_vs_torch_eager_lora": (">=", TARGET_SPEEDUP_VS_EAGER),
+        "fp32_fused_argmax_agreement": (">=", 1.0),  # fp32 fusion must not change a prediction
+        "int8_fused_speedup_vs_fp32_fused": (">=", TARGET_INT8_SPEEDUP),
+        "int8_fused_argmax_agreement": (">=", TARGET_AGREEMENT),
     }
     met = {k: (ratios[k] >= v if op == ">=" else ratios[k] <= v) for k, (op, v) in targets.items()}
     result = {
@@ -278,6 +305,10 @@ def main() -> int:
         "accuracy_vs_labels": {
             "ort_fp32_merged": float((pred32 == eval_labels).mean()),
             "ort_int8_merged": float((pred8 == eval_labels).mean()),
+            **{name: float((p == eval_labels).mean()) for name, p in pred_fused.items()},
+        },
+        "fused_ops": {
+            name: r.fused_ops for name, r in reports.items() if getattr(r, "optimize", None)
         },
         "sentences": len(eval_texts),
         "int8_flips_fp32_confidence": flipped_conf,
@@ -297,10 +328,10 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\nMiniLM classifier, batch 1 x seq {args.seq}, {args.threads} threads, {cpu_name()}")
-    print(f"{'variant':<22} {'median ms':>10} {'size MB':>9}")
+    print(f"{'variant':<24} {'median ms':>10} {'size MB':>9}")
     for name in runners:
         size = f"{sizes[name] / 1e6:9.1f}" if name in sizes else f"{'-':>9}"
-        print(f"{name:<22} {median_ms[name]:>10.2f} {size}")
+        print(f"{name:<24} {median_ms[name]:>10.2f} {size}")
     print()
     for key, value in ratios.items():
         op, goal = targets[key]

@@ -55,6 +55,14 @@ def add_subcommands(subparsers: Any) -> None:
         action="store_true",
         help="keep LoRA A/B as graph inputs (needs --adapter); writes <out>.onnx_adapter",
     )
+    exp.add_argument(
+        "--optimize",
+        choices=["bert"],
+        default=None,
+        help="fuse a BERT-family encoder with onnxruntime's transformer optimizer "
+        "(Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm: com.microsoft contrib ops that "
+        "only onnxruntime runs; faster on CPU). Default: plain ONNX, standard ops only",
+    )
     exp.add_argument("--ort-format", action="store_true", help="also write <stem>.ort")
     exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     exp.add_argument("--external-data", action="store_true", help="weights in <out>.data")
@@ -194,6 +202,7 @@ def run_export(args: argparse.Namespace) -> int:
             quantize="int8" if args.int8 else None,
             verify=not args.no_verify,
             merge=not args.hot_swap,
+            optimize=args.optimize,
             opset=args.opset or DEFAULT_OPSET,
             external_data=True if args.external_data else None,
             ort_format=args.ort_format,

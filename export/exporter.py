@@ -13,7 +13,9 @@ The path, in order (nothing is written at the target until every step has passed
    module);
 5. torch.onnx.export (the TorchScript exporter: dynamic batch/sequence axes through
    ``dynamic_axes``, plain MatMul/Gemm/LayerNormalization..., no onnxscript dependency);
-6. optional fp16 conversion or int8 dynamic quantization (onnxruntime, per channel);
+6. optional operator fusion (``optimize="bert"``: onnxruntime's transformer optimizer fuses
+   attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm into com.microsoft contrib ops), then
+   optional fp16 conversion or int8 dynamic quantization (onnxruntime, per channel);
 7. save in a temporary directory next to the target (external data above ~2 GB), verify in
    onnxruntime against the references, optionally write the ORT format, then os.replace.
 """
@@ -54,6 +56,10 @@ logger = logging.getLogger("lora_ext.export")
 
 DTYPES = ("fp32", "fp16")
 QUANTIZE = (None, "int8")
+# None: plain ONNX (standard ops only, any runtime). "bert": fused com.microsoft contrib ops
+# (Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization) that only
+# onnxruntime (CPU, GPU and mobile builds) runs.
+OPTIMIZE = (None, "bert")
 # 17: LayerNormalization is one op; run by onnxruntime >= 1.11 and most edge runtimes.
 DEFAULT_OPSET = 17
 # max |onnx - torch| / max |torch| accepted by verify, per variant. fp32 is the contract;
@@ -103,6 +109,8 @@ class ExportReport:
     input_names: list[str]
     output_names: list[str]
     lora_inputs: list[str] = field(default_factory=list)
+    optimize: str | None = None
+    fused_ops: dict[str, int] = field(default_factory=dict)
     merged_layers: int = 0
     external_data: bool = False
     adapter_path: Path | None = None
@@ -151,6 +159,9 @@ class ExportReport:
             )
         elif self.merged_layers:
             lines.append(f"  merged LoRA layers: {self.merged_layers}")
+        if self.optimize:
+            fused = ", ".join(f"{n} {k}" for n, k in self.fused_ops.items() if k) or "nothing"
+            lines.append(f"  optimize={self.optimize!r} (onnxruntime contrib ops): fused {fused}")
         if self.ort_path:
             lines.append(f"  ORT format: {self.ort_path}")
         if self.checks:
@@ -399,6 +410,7 @@ def export_onnx(
     verify: bool = True,
     merge: bool = True,
     *,
+    optimize: str | None = None,
     opset: int = DEFAULT_OPSET,
     output_name: str = "logits",
     tolerance: float | None = None,
@@ -426,6 +438,14 @@ def export_onnx(
         merge: True: fold the LoRA adapters into the weights (plain MatMul/Gemm graph).
             False: adapter hot-swap, every adapted layer's A and B become graph inputs and
             the model's active adapter is written to ``<stem>.onnx_adapter`` next to it.
+        optimize: None (default): a plain ONNX graph of standard ops that any ONNX runtime
+            loads. "bert": fuse the graph with onnxruntime's transformer optimizer (BERT-family
+            encoders): Attention, SkipLayerNormalization, BiasGelu and
+            EmbedLayerNormalization, com.microsoft contrib ops that onnxruntime (CPU, CUDA,
+            mobile builds) runs but other runtimes do not. The copy is exported with the
+            eager attention implementation (same outputs as SDPA; verify compares with the
+            model as given), because the fusion patterns do not match the SDPA graph.
+            Needs merge=True and dtype="fp32" (int8 may follow).
         opset: ONNX opset.
         output_name: name of the graph output (the model's logits).
         tolerance: max accepted relative error (max |onnx - torch| / max |torch|); default
@@ -455,6 +475,14 @@ def export_onnx(
         raise ValueError(f"quantize: got {quantize!r}, need one of {QUANTIZE}")
     if quantize is not None and dtype != "fp32":
         raise ValueError(f"quantize={quantize!r} needs dtype='fp32' (got dtype={dtype!r})")
+    if optimize not in OPTIMIZE:
+        raise ValueError(f"optimize: got {optimize!r}, need one of {OPTIMIZE}")
+    if optimize is not None and (dtype != "fp32" or not merge):
+        raise ValueError(
+            f"optimize={optimize!r} needs dtype='fp32' and merge=True (got dtype={dtype!r}, "
+            f"merge={merge!r}): the fused contrib ops run in fp32 on CPU and fuse constant "
+            "weights only"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: got {type(model).__name__}, need a torch.nn.Module")
     if not isinstance(opset, int) or not 14 <= opset <= 20:
@@ -527,6 +555,8 @@ def export_onnx(
                 lora_axes[name_a] = {1: _adapters.LORA_R}
                 lora_axes[name_b] = {0: _adapters.LORA_R}
         _check_modules(work)
+        if optimize is not None:
+            _use_eager_attention(work, say)
         wrapper = _ExportWrapper(work, names, lora_modules).eval()
         args = tuple(example.values()) + tuple(lora_values)
 
@@ -592,9 +622,21 @@ def export_onnx(
                 f"the exported graph has ops outside standard ONNX (domain {foreign}), e.g. "
                 f"node {node.name!r} ({node.op_type})"
             )
+        heads, hidden = _attention_shape(work)
         del work, wrapper
 
-        # -- 6. fp16 / int8 --------------------------------------------------------
+        # -- 6. fusion, fp16 / int8 ------------------------------------------------
+        fused_ops: dict[str, int] = {}
+        if optimize == "bert":
+            say(f"fusing with onnxruntime's transformer optimizer (bert, {heads} heads)")
+            graph, fused_ops = _optimize_bert(raw, heads, hidden)
+            if not fused_ops.get("Attention"):
+                # still correct (verify below), but the main speed-up is missing
+                logger.warning(
+                    "optimize='bert': no Attention was fused (fused: %s); the graph's "
+                    "attention does not match onnxruntime's BERT patterns",
+                    fused_ops or "nothing",
+                )
         if dtype == "fp16":
             say("converting weights and activations to fp16")
             graph = to_fp16(graph)
@@ -606,7 +648,7 @@ def export_onnx(
             graph = quantize_int8(graph, tmp, exclude_nodes=skip, external_data=big)
         if lora_names:
             _add_rank0_defaults(graph, lora_names, lora_values)
-        _set_metadata(graph, model, variant, merge, len(layers), task, lora_names)
+        _set_metadata(graph, model, variant, merge, len(layers), task, lora_names, optimize)
 
         # -- 7. save, verify, commit -----------------------------------------------
         staged_model = tmp / target.name
@@ -622,6 +664,8 @@ def export_onnx(
             input_names=names,
             output_names=[output_name],
             lora_inputs=lora_names,
+            optimize=optimize,
+            fused_ops=fused_ops,
             merged_layers=len(layers) if merge else 0,
             external_data=used_external,
             tolerance=tol,
@@ -697,6 +741,68 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def _use_eager_attention(model: nn.Module, say: Callable[[str], None]) -> None:
+    """Switch a transformers model to the eager attention implementation (explicit
+    MatMul/Softmax/MatMul and an additive mask), the pattern the attention fusion matches."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current in (None, "eager"):
+        return
+    setter = getattr(model, "set_attn_implementation", None)
+    if callable(setter):
+        setter("eager")
+    else:
+        config._attn_implementation = "eager"
+    say(f"attention implementation {current!r} -> 'eager' for the fusion")
+
+
+def _attention_shape(model: nn.Module) -> tuple[int, int]:
+    """(num_attention_heads, hidden_size) from the config; 0 means "let the optimizer guess",
+    which fails on graphs whose reshapes are computed from Shape ops (as these are)."""
+    config = getattr(model, "config", None)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    return heads, hidden
+
+
+def _optimize_bert(raw: Path, heads: int, hidden: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Fuse a BERT-family graph with onnxruntime.transformers.optimizer (Python fusions
+    only, opt_level=0: the result has no hardware-specific layout and onnxruntime applies its
+    own graph optimisations at load time). Returns (graph, {fused op: count})."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # the optimizer logs through the root logger ("Failed to detect num_heads ...")
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        opt = optimize_model(
+            str(raw),
+            model_type="bert",
+            num_heads=heads,
+            hidden_size=hidden,
+            opt_level=0,
+            use_gpu=False,
+        )
+    finally:
+        quiet.setLevel(level)
+    stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+    graph = opt.model
+    if stats:
+        # onnx's shape inference stops at contrib ops, and the int8 quantizer needs the type
+        # of every MatMul output; onnxruntime's symbolic shape inference knows these ops
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        graph = SymbolicShapeInference.infer_shapes(graph, auto_merge=True)
+    # the fused nodes live in com.microsoft; declare it (shape inference in the int8
+    # quantizer and some loaders refuse a domain without an opset import)
+    if any(n.domain == "com.microsoft" for n in graph.graph.node) and not any(
+        o.domain == "com.microsoft" for o in graph.opset_import
+    ):
+        graph.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return graph, stats
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -726,6 +832,7 @@ def _set_metadata(
     n_layers: int,
     task: str | None,
     lora_names: list[str],
+    optimize: str | None = None,
 ) -> None:
     """Facts the runner needs (task, labels, hot-swap inputs), as model metadata."""
     import lora_ext
@@ -744,6 +851,8 @@ def _set_metadata(
     }
     if task:
         meta["lora_ext.task"] = task
+    if optimize:
+        meta["lora_ext.optimize"] = optimize
     id2label = getattr(config, "id2label", None)
     if task == "seq-cls" and id2label:
         meta["lora_ext.id2label"] = json.dumps({int(k): v for k, v in id2label.items()})

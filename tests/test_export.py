@@ -186,6 +186,33 @@ def test_fp16_int8_run_and_agree(clf, merged, encoded, tmp_path, kwargs, max_siz
         assert (got.argmax(-1) == ref.argmax(-1))[decided].all(), path.name
 
 
+# -- fused (optimize="bert") ---------------------------------------------------------------
+def test_optimize_bert_fuses_verifies_and_agrees(clf, merged, encoded, tmp_path):
+    model, tok, example = clf
+    attn = model.config._attn_implementation
+    report = export_onnx(model, example, tmp_path / "fused.onnx", optimize="bert")
+    assert model.config._attn_implementation == attn  # only the copy went eager
+    assert report.max_rel is not None and report.max_rel <= 1e-4
+    # MiniLM-L6: every layer's attention, both residual LayerNorms and the FFN GELU fused
+    assert report.fused_ops == {
+        "EmbedLayerNormalization": 1,
+        "Attention": 6,
+        "BiasGelu": 6,
+        "SkipLayerNormalization": 12,
+    }
+    graph = onnx.load(str(report.path))
+    ops = {(n.domain, n.op_type) for n in graph.graph.node}
+    assert ("com.microsoft", "Attention") in ops and ("", "Softmax") not in ops
+    assert {p.key: p.value for p in graph.metadata_props}["lora_ext.optimize"] == "bert"
+    # independently of the report: 6 longer sentences, vs PyTorch and the plain export
+    got = OnnxRunner(report.path, tok, providers=["CPUExecutionProvider"])(SENTENCES)
+    ref = torch_logits(model, encoded)
+    assert rel_err(got.logits, ref) <= 1e-4
+    assert (got.logits.argmax(-1) == ref.argmax(-1)).all()
+    plain = OnnxRunner(merged[0].path, tok, providers=["CPUExecutionProvider"])(SENTENCES)
+    assert got.labels == plain.labels
+
+
 # -- adapter hot-swap ----------------------------------------------------------------------
 def test_hot_swap_equals_merged_export(clf, merged, hot, encoded):
     _, tok, _ = clf
@@ -317,6 +344,8 @@ def test_hot_swap_needs_lora_layers(minilm_classifier, tmp_path):
         ({"dtype": "bf16"}, "dtype: got 'bf16'"),
         ({"quantize": "int4"}, "quantize: got 'int4'"),
         ({"dtype": "fp16", "quantize": "int8"}, "needs dtype='fp32'"),
+        ({"optimize": "gpt2"}, "optimize: got 'gpt2'"),
+        ({"optimize": "bert", "dtype": "fp16"}, "optimize='bert' needs dtype='fp32'"),
     ],
 )
 def test_bad_arguments_are_named(minilm_classifier, tmp_path, kwargs, match):
