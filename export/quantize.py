@@ -15,6 +15,10 @@ import onnx
 
 logger = logging.getLogger("lora_ext.export")
 
+# MatMul and Gather (embedding tables) in every graph; Attention and EmbedLayerNormalization
+# exist only in a graph fused by optimize="bert" and hold most of its weights there.
+QUANTIZED_OP_TYPES = ["MatMul", "Gather", "Attention", "EmbedLayerNormalization"]
+
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """Weights and activations in float16; float graph inputs and outputs stay float32 (a
@@ -66,7 +70,7 @@ def quantize_int8(
             str(dst),
             per_channel=True,
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gather"],
+            op_types_to_quantize=QUANTIZED_OP_TYPES,
             nodes_to_exclude=list(exclude_nodes),
             use_external_data_format=external_data,
         )
