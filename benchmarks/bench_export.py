@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -46,16 +47,6 @@ TARGET_MERGED_VS_BASE = 1.02
 TARGET_INT8_SPEEDUP = 1.5
 TARGET_INT8_SIZE_RATIO = 3.5
 TARGET_AGREEMENT = 0.99
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def validation_snippets(n: int) -> tuple[list[str], list[int]]:

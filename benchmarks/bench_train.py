@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -254,7 +255,7 @@ def main() -> None:
         r["speedup_vs_peft"] = peft["step_ms"] / r["step_ms"]
         if r["peak_memory_bytes"] and peft["peak_memory_bytes"]:
             r["memory_vs_peft"] = r["peak_memory_bytes"] / peft["peak_memory_bytes"]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     result = {
         "benchmark": "train_step",
         "device": name,
@@ -295,16 +296,6 @@ def main() -> None:
             f"{mem:>10} {r['speedup_vs_peft']:>13.2f}x {ratio:>12}"
         )
     print(f"wrote {path.relative_to(ROOT)}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _versions() -> dict[str, str]:

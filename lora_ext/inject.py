@@ -128,6 +128,17 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
 
 
 # -- inject --------------------------------------------------------------------------------
+def check_adapter_name_free(model: nn.Module, adapter_name: str) -> None:
+    """Raise ValueError if ``adapter_name`` is already used by a config or a layer of model."""
+    existing = set(adapter_configs(model))
+    existing |= {a for _, layer in lora_layers(model) for a in layer.lora_A}
+    if adapter_name in existing:
+        raise ValueError(
+            f"adapter_name: {adapter_name!r} is already in use on this model (adapters: "
+            f"{sorted(existing)}); pick another name or delete_adapter first"
+        )
+
+
 def inject_(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add LoRA adapter ``adapter_name`` to the layers ``config.target_modules`` selects, in
     place. Matching layers are wrapped in LoraLinear (the original layer becomes its
@@ -152,13 +163,9 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, init: str |
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: got {type(model).__name__}, need a torch.nn.Module")
     check_adapter_name(adapter_name)
+    check_adapter_name_free(model, adapter_name)
     existing = adapter_configs(model)
-    in_layers = {a for _, layer in lora_layers(model) for a in layer.lora_A}
-    if adapter_name in existing or adapter_name in in_layers:
-        raise ValueError(
-            f"adapter_name: {adapter_name!r} is already in use on this model (adapters: "
-            f"{sorted(set(existing) | in_layers)}); pick another name or delete_adapter first"
-        )
+    in_layers = any(layer.lora_A for _, layer in lora_layers(model))
     targets = resolve_targets(model, config)
     plans = []
     for name, module in targets:

@@ -34,7 +34,13 @@ import torch
 from torch import nn
 
 from lora_ext.config import LoraConfig
-from lora_ext.inject import _inject, adapter_configs, lora_layers, resolve_targets
+from lora_ext.inject import (
+    _inject,
+    adapter_configs,
+    check_adapter_name_free,
+    lora_layers,
+    resolve_targets,
+)
 from lora_ext.layer import LoraLinear, check_adapter_name
 
 CONFIG_NAME = "adapter_config.json"
@@ -272,13 +278,7 @@ def load_adapter(
     except SafetensorError as exc:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from None
 
-    configs = adapter_configs(model)
-    in_layers = {a for _, layer in lora_layers(model) for a in layer.lora_A}
-    if adapter_name in configs or adapter_name in in_layers:
-        raise ValueError(
-            f"adapter_name: {adapter_name!r} is already in use on this model (adapters: "
-            f"{sorted(set(configs) | in_layers)}); pick another name"
-        )
+    check_adapter_name_free(model, adapter_name)
     targets = resolve_targets(model, config)
     saved_modules = _select_modules(model, patterns, f"{CONFIG_NAME} modules_to_save")
     target_names = {n for n, _ in targets}
