@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/rank_update_cpu.h"
+
 #ifndef LORA_EXT_VERSION
 #define LORA_EXT_VERSION "unknown"
 #endif
@@ -88,6 +90,7 @@ pybind11::dict build_info() {
 #else
   d["cpu_dispatch"] = std::vector<std::string>{"default"};
 #endif
+  d["cpu_rank_update_kernel"] = lora_ext::cpu::rank_update_kernel_enabled();
   d["compiler"] = __VERSION__;
   d["dropout_rng"] = "lowbias32x2 counter hash keyed by splitmix64(seed)";
   return d;
@@ -98,4 +101,8 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lora_ext compiled core: registers torch.ops.lora_ext.* and reports build info";
   m.def("build_info", &build_info, "How this extension was built (CUDA, archs, versions).");
+  m.def("_set_cpu_rank_update_kernel", &lora_ext::cpu::set_rank_update_kernel,
+        "Use the AVX-512 rank-r kernel (True, the default where the CPU has AVX-512) or ATen's "
+        "GEMM (False) for the float32 rank-r updates; returns the previous setting. For tests "
+        "and benchmarks.");
 }

@@ -6,7 +6,9 @@
 //   static std::tuple<at::Tensor, at::Tensor> lora_forward(x2, bias, lora_a, lora_b, scale, drop);
 //       xa = drop(x2) @ A^T [n, r];  y = bias + scale * xa @ B^T [n, out]
 //   static void lora_backward(dy, x2, xa2, lora_a, lora_b, scale, drop, grad_x*, grad_a*, grad_b*);
-//       g = scale * dY @ B (once);  grad_x += mask * (g @ A) / (1 - p)  (grad_x holds dY W);
+//       g = scale * dY @ B (once);  grad_x += mask * (g @ A) / (1 - p)  (grad_x holds dY W), or
+//       with kLoraTermFirst, grad_x = that term (grad_x comes in uninitialised; dY W is
+//       accumulated into it afterwards);
 //       grad_a = g^T @ drop(x2);  grad_b = scale * dY^T @ xa.  A null pointer: not wanted.
 //
 // Notation: x2 = x viewed as [n, in], dy = grad_y viewed as [n, out], xa2 = xa as [n, r].
@@ -96,12 +98,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   const at::Tensor dy = grad_y.reshape({s.n, s.out});
 
   at::Tensor grad_x, grad_a, grad_b;
-  if (need_x) grad_x = at::mm(dy, weight);  // [n, in]; the LoRA term is added in place
+  if (need_x) {
+    // [n, in], contiguous: written row block by row block by the LoRA kernel
+    grad_x = Kernels::kLoraTermFirst ? at::empty({s.n, s.in}, x.options()) : at::mm(dy, weight);
+  }
   if (need_x || need_a || need_b) {
     Kernels::lora_backward(dy, as_rows(x, s.n, s.in), xa.reshape({s.n, s.r}), lora_a, lora_b, scale,
                            drop, need_x ? &grad_x : nullptr, need_a ? &grad_a : nullptr,
                            need_b ? &grad_b : nullptr);
   }
+  // beta = 1: the GEMM reads the LoRA term as its C operand, no extra pass over grad_x
+  if (need_x && Kernels::kLoraTermFirst) grad_x.addmm_(dy, weight);
   if (need_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_a, grad_b};
 }

@@ -6,6 +6,7 @@ plain PyTorch in the same dtype, both measured against float64 (lora_ext.referen
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -62,9 +63,25 @@ PARITY = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@contextlib.contextmanager
+def _rank_update_kernel(enabled: bool):
+    """Switch the CPU's AVX-512 rank-r kernel on or off (off: ATen's GEMM) for a block."""
+    from lora_ext import _C
+
+    before = _C._set_cpu_rank_update_kernel(enabled)
+    try:
+        yield
+    finally:
+        _C._set_cpu_rank_update_kernel(before)
+
+
+# float32 runs twice: the CPU's own rank-r kernel (where the CPU has AVX-512) and ATen's GEMM
+DTYPE_KERNEL = [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("dtype,kernel", DTYPE_KERNEL)
 @pytest.mark.parametrize("lead,d_in,d_out,r,bias,noncontig,p", PARITY)
-def test_parity_with_float64_reference(lead, d_in, d_out, r, bias, noncontig, p, dtype):
+def test_parity_with_float64_reference(lead, d_in, d_out, r, bias, noncontig, p, dtype, kernel):
     x, w, b, a, bb = _problem(lead, d_in, d_out, r, dtype, bias, noncontig, seed=len(lead) + r)
     scale, seed = 2.0 / r, 1234 + r
     mask = ref.dropout_mask(x.shape, seed, p)
@@ -76,13 +93,36 @@ def test_parity_with_float64_reference(lead, d_in, d_out, r, bias, noncontig, p,
     def plain(*t):
         return ref.lora_linear(*t, scale, p, mask=mask)
 
-    got = _grads(ours, x, w, b, a, bb, g)
+    with _rank_update_kernel(kernel):
+        got = _grads(ours, x, w, b, a, bb, g)
     same = _grads(plain, x, w, b, a, bb, g)
     exact = _grads(plain, _up(x), _up(w), _up(b), _up(a), _up(bb), _up(g))
     for name, o, s, e in zip(("y", "grad_x", "grad_a", "grad_b"), got, same, exact):
         assert o.dtype == dtype and o.shape == e.shape, name
         err, bound = ref.error_bound(o, s, e)
         assert err <= bound, f"{name}: error {err:.3g} > 2x PyTorch's ({bound:.3g})"
+
+
+@pytest.mark.parametrize(
+    "tokens,d_in,d_out,r", [(1, 8, 1, 1), (5, 19, 63, 3), (67, 40, 65, 16), (9, 16, 130, 64)]
+)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_rank_update_kernel_agrees_with_aten(tokens, d_in, d_out, r, p):
+    """Edges of the 4 x 64 register tile: row counts not divisible by 4, masked column tails."""
+    if not ops.build_info()["cpu_rank_update_kernel"]:
+        pytest.skip("this CPU has no AVX-512: ATen's GEMM is the only path")
+    x, w, b, a, bb = _problem((tokens,), d_in, d_out, r, torch.float32, seed=r)
+    g = _rand(tokens, d_out, gen=torch.Generator().manual_seed(3))
+
+    def ours(*t):
+        return ops.lora_linear(*t, 0.7, p, seed=11)
+
+    with _rank_update_kernel(True):
+        tiled = _grads(ours, x, w, b, a, bb, g)
+    with _rank_update_kernel(False):
+        aten = _grads(ours, x, w, b, a, bb, g)
+    for name, t, e in zip(("y", "grad_x", "grad_a", "grad_b"), tiled, aten):
+        torch.testing.assert_close(t, e, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_non_contiguous_weight_like_gpt2_conv1d():

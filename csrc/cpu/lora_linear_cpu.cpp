@@ -17,6 +17,7 @@
 
 #include "../lora_linear.h"
 #include "mask_cpu.h"
+#include "rank_update_cpu.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define LORA_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -37,9 +38,8 @@ LORA_CPU_CLONES void keep_flags_lo(uint32_t k0, uint32_t khi, uint32_t threshold
 
 // float32 row kernels with the mask evaluated inline (no flag array), compiled per ISA like
 // keep_flags_lo. All n indices share the high word (lo0 + n <= 2^32).
-//   drop:        out[j] = x[j] * m(j)
-//   axpy:        dx[j] += m(j) * t[j]
-//   axpy + drop: both, one mask evaluation
+//   drop:         out[j] = x[j] * m(j)     (also grad_x's masked term: out = grad_x, x = g @ A)
+//   scale + drop: dx[j] = m(j) * t[j] and out[j] = x[j] * m(j), one mask evaluation
 // with m(j) = keep(lo0 + j) ? inv : 0.
 LORA_CPU_CLONES void drop_run_f32(const float* __restrict__ x, float* __restrict__ out, int64_t n,
                                   uint32_t k0, uint32_t khi, uint32_t threshold, uint32_t lo0,
@@ -50,23 +50,14 @@ LORA_CPU_CLONES void drop_run_f32(const float* __restrict__ x, float* __restrict
   }
 }
 
-LORA_CPU_CLONES void axpy_run_f32(float* __restrict__ dx, const float* __restrict__ t, int64_t n,
-                                  uint32_t k0, uint32_t khi, uint32_t threshold, uint32_t lo0,
-                                  float inv) {
-  for (int64_t j = 0; j < n; ++j) {
-    const bool keep = rng::hash32(k0, khi, lo0 + static_cast<uint32_t>(j)) >= threshold;
-    dx[j] += (keep ? inv : 0.0f) * t[j];
-  }
-}
-
-LORA_CPU_CLONES void axpy_drop_run_f32(float* __restrict__ dx, const float* __restrict__ t,
-                                       const float* __restrict__ x, float* __restrict__ out,
-                                       int64_t n, uint32_t k0, uint32_t khi, uint32_t threshold,
-                                       uint32_t lo0, float inv) {
+LORA_CPU_CLONES void scale_drop_run_f32(float* __restrict__ dx, const float* __restrict__ t,
+                                        const float* __restrict__ x, float* __restrict__ out,
+                                        int64_t n, uint32_t k0, uint32_t khi, uint32_t threshold,
+                                        uint32_t lo0, float inv) {
   for (int64_t j = 0; j < n; ++j) {
     const bool keep = rng::hash32(k0, khi, lo0 + static_cast<uint32_t>(j)) >= threshold;
     const float m = keep ? inv : 0.0f;
-    dx[j] += m * t[j];
+    dx[j] = m * t[j];
     out[j] = x[j] * m;
   }
 }
@@ -155,6 +146,11 @@ void forward_impl(const at::Tensor& x2, const std::optional<at::Tensor>& bias,
   const at::Tensor a_t = drop.active ? lora_a.to(acc_opts.dtype()).t() : lora_a.t();  // [in, r]
   const at::Tensor b_t = lora_b.t();                                                  // [r, out]
   const bool has_bias = bias.has_value() && bias->defined();
+  // float32: y[rows] = bias + xa[rows] @ (scale * B)^T by the register-tiled kernel
+  constexpr bool is_f32 = std::is_same_v<scalar_t, float>;
+  const bool own_kernel = is_f32 && rank_update_kernel_enabled();
+  const at::Tensor bs_t = own_kernel ? lora_b.t().mul(scale).contiguous() : at::Tensor();
+  const at::Tensor bias_c = own_kernel && has_bias ? bias->contiguous() : at::Tensor();
   const at::Tensor zero = at::zeros({}, y.options());
   const int64_t nblocks = (n + kRows - 1) / kRows;
   for_each_group(nblocks, [&](int64_t, int64_t b0, int64_t b1) {
@@ -178,17 +174,30 @@ void forward_impl(const at::Tensor& x2, const std::optional<at::Tensor>& bias,
         }
       }
       at::Tensor y_b = y.narrow(0, i0, rows);
+      if constexpr (is_f32) {
+        if (own_kernel) {
+          rank_update_f32(rows, y.size(1), r, xa_b.const_data_ptr<float>(), r,
+                          bs_t.const_data_ptr<float>(), bs_t.size(1),
+                          has_bias ? bias_c.const_data_ptr<float>() : nullptr,
+                          y_b.data_ptr<float>(), y.size(1));
+          continue;
+        }
+      }
       at::addmm_out(y_b, has_bias ? *bias : zero, xa_b, b_t, /*beta=*/has_bias ? 1.0 : 0.0,
                     /*alpha=*/scale);
     }
   });
 }
 
-// Backward of the LoRA branch, block by block in one parallel region (grad_x already holds
-// dY W from the big GEMM). With g = scale * dY[rows] @ B, computed once per block:
-//   grad_x[rows] += mask * (g @ A) / (1 - p)      (no mask when p = 0)
+// Backward of the LoRA branch, block by block in one parallel region. grad_x comes in
+// uninitialised and leaves holding only the LoRA term; the caller's big GEMM then accumulates
+// dY W into it with beta = 1, which MKL does for free inside its compute-bound loop (adding the
+// LoRA term afterwards would cost a read-modify-write pass over grad_x). With
+// g = scale * dY[rows] @ B, computed once per block:
+//   grad_x[rows]  = mask * (g @ A) / (1 - p)      (no mask when p = 0)
 //   grad_a       += g^T @ drop(x)[rows]            (per-thread partial sums, added at the end)
-//   grad_b       += dY[rows]^T @ xa[rows]          (times scale at the end)
+//   grad_b^T     += xa[rows]^T @ dY[rows]          (times scale at the end; [r, out] is the
+//                                                   faster layout for MKL's skinny GEMM)
 // The blocks of dY and x are read from memory once and reused from cache, and the mask of a
 // block is evaluated once for grad_x and grad_a.
 template <typename scalar_t>
@@ -204,11 +213,12 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
   const at::Tensor b32s = lora_b.to(acc_opts.dtype()).mul(scale);   // [out, r], scale folded in
   const bool need_x = grad_x != nullptr, need_a = grad_a != nullptr, need_b = grad_b != nullptr;
   const bool need_g = need_x || need_a;
+  const bool own_kernel = std::is_same_v<scalar_t, float> && rank_update_kernel_enabled();
   const int64_t nblocks = (n + kRows - 1) / kRows;
   const int64_t max_groups =
       std::max<int64_t>(1, std::min<int64_t>(nblocks, at::get_num_threads()));
   at::Tensor part_a = need_a ? at::zeros({max_groups, r, in}, acc_opts) : at::Tensor();
-  at::Tensor part_b = need_b ? at::zeros({max_groups, out, r}, acc_opts) : at::Tensor();
+  at::Tensor part_bt = need_b ? at::zeros({max_groups, r, out}, acc_opts) : at::Tensor();
   scalar_t* gxp = need_x ? grad_x->data_ptr<scalar_t>() : nullptr;  // contiguous [n, in]
   const scalar_t* xp = x2.const_data_ptr<scalar_t>();
   const int64_t ldx = x2.stride(0);
@@ -219,13 +229,13 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
     at::Tensor g = at::empty({kRows, r}, acc_opts);
     at::Tensor dy_buf = direct ? at::Tensor() : at::empty({kRows, out}, acc_opts);
     at::Tensor xa_buf = (!direct && need_b) ? at::empty({kRows, r}, acc_opts) : at::Tensor();
-    // t = g @ A for grad_x (unless it can be accumulated into grad_x directly); d = drop(x)
+    // t = g @ A for grad_x (unless it can be written into grad_x directly); d = drop(x)
     const bool t_needed = need_x && (drop.active || !direct);
     const bool d_needed = need_a && (drop.active || !direct);
     at::Tensor tbuf = t_needed ? at::empty({kRows, in}, acc_opts) : at::Tensor();
     at::Tensor dbuf = d_needed ? at::empty({kRows, in}, acc_opts) : at::Tensor();
     at::Tensor pa = need_a ? part_a.select(0, grp) : at::Tensor();
-    at::Tensor pb = need_b ? part_b.select(0, grp) : at::Tensor();
+    at::Tensor pbt = need_b ? part_bt.select(0, grp) : at::Tensor();
     std::vector<uint8_t> keep(drop.active ? in : 0);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kRows, rows = std::min(kRows, n - i0);
@@ -234,20 +244,32 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
       if (need_b) {
         at::Tensor xa_b = xa2.narrow(0, i0, rows);
         if constexpr (!direct) xa_b = xa_buf.narrow(0, 0, rows).copy_(xa_b);
-        pb.addmm_(dy_b.t(), xa_b);
+        pbt.addmm_(xa_b.t(), dy_b);
       }
       if (!need_g) continue;
       at::Tensor g_b = g.narrow(0, 0, rows);
       at::mm_out(g_b, dy_b, b32s);
       at::Tensor t = t_needed ? tbuf.narrow(0, 0, rows) : at::Tensor();
-      if (t_needed) at::mm_out(t, g_b, a32);
+      // g @ A ([rows, r] x [r, in]) into out: the register-tiled kernel for float32
+      auto g_times_a = [&](at::Tensor& out_b) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (own_kernel) {
+            rank_update_f32(rows, in, r, g_b.const_data_ptr<float>(), r,
+                            a32.const_data_ptr<float>(), in, nullptr, out_b.data_ptr<float>(),
+                            out_b.stride(0));
+            return;
+          }
+        }
+        at::mm_out(out_b, g_b, a32);
+      };
+      if (t_needed) g_times_a(t);
       if (!drop.active) {
         if (need_x) {
           at::Tensor gx_b = grad_x->narrow(0, i0, rows);
           if constexpr (direct) {
-            gx_b.addmm_(g_b, a32);
+            g_times_a(gx_b);
           } else {
-            gx_b.add_(t);  // one rounding into grad_x's dtype
+            gx_b.copy_(t);
           }
         }
         if (need_a) {
@@ -268,10 +290,10 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
           for_each_run(drop.key, idx0, in,
                        [&](int64_t off, int64_t len, uint32_t lo, uint32_t khi) {
                          if (need_x && need_a) {
-                           axpy_drop_run_f32(dxr + off, tr + off, xr + off, dr + off, len, k0, khi,
-                                             thr, lo, inv);
+                           scale_drop_run_f32(dxr + off, tr + off, xr + off, dr + off, len, k0,
+                                              khi, thr, lo, inv);
                          } else if (need_x) {
-                           axpy_run_f32(dxr + off, tr + off, len, k0, khi, thr, lo, inv);
+                           drop_run_f32(tr + off, dxr + off, len, k0, khi, thr, lo, inv);
                          } else {
                            drop_run_f32(xr + off, dr + off, len, k0, khi, thr, lo, inv);
                          }
@@ -280,7 +302,7 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
           keep_flags(drop.key, idx0, in, keep.data());
           for (int64_t j = 0; j < in; ++j) {
             const acc_t m = keep[j] ? inv : acc_t(0);
-            if (need_x) dxr[j] = static_cast<scalar_t>(static_cast<acc_t>(dxr[j]) + m * tr[j]);
+            if (need_x) dxr[j] = static_cast<scalar_t>(m * tr[j]);
             if (need_a) dr[j] = static_cast<acc_t>(xr[j]) * m;
           }
         }
@@ -292,10 +314,13 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
     return ngroups == 1 ? part.select(0, 0) : part.narrow(0, 0, ngroups).sum(0);
   };
   if (need_a) *grad_a = reduce(part_a).to(lora_a.scalar_type());
-  if (need_b) *grad_b = reduce(part_b).mul_(scale).to(lora_b.scalar_type());
+  if (need_b) *grad_b = reduce(part_bt).t().mul(scale).to(lora_b.scalar_type()).contiguous();
 }
 
 struct CpuKernels {
+  // lora_backward writes the LoRA term into an uninitialised grad_x; the big GEMM adds dY W
+  static constexpr bool kLoraTermFirst = true;
+
   static std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x2,
                                                          const std::optional<at::Tensor>& bias,
                                                          const at::Tensor& lora_a,

@@ -94,6 +94,10 @@ at::Tensor dropped_copy(const at::Tensor& x2, const Dropout& drop) {
 }
 
 struct CudaKernels {
+  // grad_x comes in holding dY W; lora_backward adds the LoRA term (the simple path until a
+  // GPU has measured the write-first order the CPU uses)
+  static constexpr bool kLoraTermFirst = false;
+
   // xa = drop(x2) @ A^T;  y = bias + scale * xa @ B^T (cuBLAS; the caller adds x W^T)
   static std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x2,
                                                          const std::optional<at::Tensor>& bias,
