@@ -49,8 +49,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int):
-    """Median seconds per call of each fn, measured round-robin so drift hits all equally."""
+def bench(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    raw: dict[str, list[float]] | None = None,
+):
+    """Median seconds per call of each fn, measured round-robin so drift hits all equally.
+    ``raw``, if given, receives every timing (seconds, in round order) per fn."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -72,7 +79,16 @@ def bench(fns: dict[str, Callable[[], object]], device: torch.device, repeats: i
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+    if raw is not None:
+        raw.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def paired_ratio(raw: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of num's time / den's time in the same round: the two ran back to
+    back, so a slow stretch of the machine (another process, the allocator returning memory
+    to the OS) hits both; a second estimate beside the ratio of the medians."""
+    return statistics.median(a / b for a, b in zip(raw[num], raw[den], strict=True))
 
 
 def _have_peft() -> bool:
@@ -141,11 +157,13 @@ def fwd_bwd(shape, p, dtype, device, repeats, warmup):
     fns = {"frozen": step(base), "ours": step(ours)}
     if peft is not None:
         fns["peft"] = step(peft)
-    t = bench(fns, device, repeats, warmup)
+    raw: dict[str, list[float]] = {}
+    t = bench(fns, device, repeats, warmup, raw)
     return {
         "tokens": n, "in": d_in, "out": d_out, "r": r, "dropout": p,
         "ms": {k: v * 1e3 for k, v in t.items()},
         "ours_vs_frozen": t["ours"] / t["frozen"],
+        "ours_vs_frozen_paired": paired_ratio(raw, "ours", "frozen"),
         "ours_vs_peft": t["ours"] / t["peft"] if peft is not None else None,
         "peft_vs_frozen": t["peft"] / t["frozen"] if peft is not None else None,
     }  # fmt: skip
@@ -260,12 +278,13 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-def run_device(device: torch.device, quick: bool) -> dict:
+def run_device(device: torch.device, quick: bool, repeats: int | None = None) -> dict:
     cpu = device.type == "cpu"
     dtype = torch.float32 if cpu else torch.bfloat16
     shapes = CPU_SHAPES if cpu else GPU_SHAPES
     drops = (0.0, 0.1) if cpu else (0.0, 0.05)
-    repeats, warmup = (5, 1) if quick else ((15, 3) if cpu else (50, 10))
+    default_repeats, warmup = (5, 1) if quick else ((25, 3) if cpu else (50, 10))
+    repeats = repeats or default_repeats
     peft_version = None
     if _have_peft():
         import peft
@@ -291,7 +310,8 @@ def _fmt_fwd(row: dict) -> str:
     ms = row["ms"]
     return (
         f"  fwd+bwd {row['tokens']}x{row['in']}->{row['out']} r={row['r']} p={row['dropout']}: "
-        f"frozen {ms['frozen']:.2f} ms, ours {ms['ours']:.2f} ms ({row['ours_vs_frozen']:.3f}x), "
+        f"frozen {ms['frozen']:.2f} ms, ours {ms['ours']:.2f} ms ({row['ours_vs_frozen']:.3f}x, "
+        f"paired {row['ours_vs_frozen_paired']:.3f}x), "
         f"peft {ms['peft']:.2f} ms ({row['peft_vs_frozen']:.3f}x)"
     )
 
@@ -301,7 +321,8 @@ def table(res: dict) -> str:
     lines = [f"lora_ext op benchmark on {res['device']} ({res['dtype']}, torch {res['torch']}, "
              f"peft {res['peft']}, median of {res['repeats']})"]  # fmt: skip
     lines.append(
-        f"{'case':<44}{'frozen':>9}{'ours':>9}{'peft':>9}{'ours/frz':>10}{'peft/ours':>10}  target"
+        f"{'case':<44}{'frozen':>9}{'ours':>9}{'peft':>9}{'ours/frz':>10}{'paired':>9}"
+        f"{'peft/ours':>10}  target"
     )
     for row in res["fwd_bwd"]:
         ms = {"peft": float("nan"), **row["ms"]}
@@ -317,7 +338,8 @@ def table(res: dict) -> str:
         case = f"fwd+bwd {row['tokens']}x{row['in']}x{row['out']} r{row['r']} p={p}"
         lines.append(
             f"{case:<44}{ms['frozen']:>7.2f}ms{ms['ours']:>7.2f}ms{ms['peft']:>7.2f}ms"
-            f"{row['ours_vs_frozen']:>9.3f}x{vs_peft:>9.3f}x  {verdict}"
+            f"{row['ours_vs_frozen']:>9.3f}x{row.get('ours_vs_frozen_paired', float('nan')):>8.3f}x"
+            f"{vs_peft:>9.3f}x  {verdict}"
         )
     for sb in res["saved_bytes"]:
         mb = 1 / 2**20
@@ -358,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON results")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed rounds per case (default: 25 on the CPU, 50 on a GPU)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -371,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = []
     for device in devices:
         print(f"== {device_name(device)}", flush=True)
-        res = run_device(device, args.quick)
+        res = run_device(device, args.quick, args.repeats)
         args.out.mkdir(parents=True, exist_ok=True)
         tag = f"_t{args.threads}" if args.threads and device.type == "cpu" else ""
         path = args.out / f"bench_op_{device.type}{tag}{'_quick' if args.quick else ''}.json"

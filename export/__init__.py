@@ -30,6 +30,7 @@ _API: dict[str, str] = {
     "read_onnx_adapter": "adapters",
     "adapter_tensors": "adapters",
     "quantize_int8": "quantize",
+    "calibration_runs": "quantize",
     "to_fp16": "quantize",
     "save_ort_format": "quantize",
 }

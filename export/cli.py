@@ -46,6 +46,22 @@ def add_subcommands(subparsers: Any) -> None:
     variant = exp.add_mutually_exclusive_group()
     variant.add_argument("--fp16", action="store_true", help="fp16 weights and activations")
     variant.add_argument("--int8", action="store_true", help="int8 dynamic quantization")
+    exp.add_argument(
+        "--calibration",
+        metavar="DATA",
+        help="--int8: texts whose activations calibrate the smoothing that keeps int8 close "
+        "to fp32: a bundled data set (rotten-tomatoes, bbc-news) or a .csv/.jsonl/.txt file; "
+        "its training split is used (validation fraction 0.1, seed 0, as lora-ext train "
+        "draws it). Default: the data of the run the adapter comes from (run.json next to "
+        "it), else none",
+    )
+    exp.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=256,
+        metavar="N",
+        help="--int8: texts to calibrate on, one run each (default 256)",
+    )
     exp.add_argument("--task", choices=TASKS, help="default: from the model")
     exp.add_argument(
         "--num-labels", type=int, default=None, help="seq-cls head size without an adapter (2)"
@@ -177,6 +193,49 @@ def load_for_export(
     return model.eval(), tokenizer, task
 
 
+def calibration_inputs(
+    tokenizer: Any,
+    data: str | None,
+    adapter: str | None,
+    samples: int,
+    say: Any = print,
+    max_length: int = 128,
+) -> list[dict[str, Any]] | None:
+    """int8 calibration inputs: the first ``samples`` texts of a data set's training split
+    (half one per run, half in padded batches: quantize.calibration_runs). ``data`` None: the data
+    of the ``lora-ext train`` run that wrote ``adapter`` (its run.json), else None."""
+    from lora_ext import data as D
+
+    if samples < 1:
+        raise ValueError(f"--calibration-samples: got {samples}, need >= 1")
+    val_fraction, seed, columns = 0.1, 0, {}
+    if data is None and adapter is not None:
+        run_file = Path(adapter).resolve().parent / "run.json"
+        if run_file.is_file():
+            config = json.loads(run_file.read_text()).get("config", {})
+            data = config.get("data")
+            val_fraction = config.get("val_fraction", val_fraction)
+            seed = config.get("seed", seed)
+            columns = {
+                k: config[k] for k in ("text_column", "label_column") if config.get(k) is not None
+            }
+    if data is None:
+        say(
+            "int8 without calibration data (no --calibration, no run.json next to the "
+            "adapter): plain dynamic quantization, less accurate"
+        )
+        return None
+    try:
+        split = D.split_dataset(D.load_dataset(data, **columns), val_fraction, seed)
+    except D.DataError as exc:
+        raise ValueError(f"--calibration: {exc}") from exc
+    from lora_ext.export.quantize import calibration_runs
+
+    texts = [t for t in split.train.texts if t.strip()][:samples]
+    say(f"int8 calibration: {len(texts)} texts from the training split of {data}")
+    return calibration_runs(tokenizer, texts, max_length=max_length)
+
+
 def run_export(args: argparse.Namespace) -> int:
     """``lora-ext export``: returns 0 on success, 1 on a failed export (message printed)."""
     from ._io import check_output_path
@@ -194,6 +253,13 @@ def run_export(args: argparse.Namespace) -> int:
             args.model, args.adapter, args.task, args.num_labels
         )
         example = dict(tokenizer(list(EXAMPLE_TEXTS), padding=True, return_tensors="pt"))
+        calibration = None
+        if args.int8:
+            calibration = calibration_inputs(
+                tokenizer, args.calibration, args.adapter, args.calibration_samples, say
+            )
+        elif args.calibration:
+            raise ValueError("--calibration: only used with --int8")
         report = export_onnx(
             model,
             example,
@@ -206,6 +272,7 @@ def run_export(args: argparse.Namespace) -> int:
             opset=args.opset or DEFAULT_OPSET,
             external_data=True if args.external_data else None,
             ort_format=args.ort_format,
+            calibration=calibration,
             task=task,
             log=say,
         )

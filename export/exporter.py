@@ -7,7 +7,9 @@ The path, in order (nothing is written at the target until every step has passed
    the PyTorch reference outputs on the example inputs and on fresh random inputs of other
    batch and sequence sizes;
 3. merge the LoRA adapters into the copy (``merge_and_unload``), or, with ``merge=False``,
-   turn every adapted layer's A and B into graph inputs (adapter hot-swap, see adapters.py);
+   turn every adapted layer's A and B into graph inputs (adapter hot-swap, see adapters.py).
+   The copy runs the eager attention implementation (a leaner graph than SDPA's, same
+   outputs);
 4. check that every op the model runs has an ONNX form (one forward pass records the ops
    per module; an op from another library, e.g. a custom CUDA kernel, is named with its
    module);
@@ -15,7 +17,8 @@ The path, in order (nothing is written at the target until every step has passed
    ``dynamic_axes``, plain MatMul/Gemm/LayerNormalization..., no onnxscript dependency);
 6. optional operator fusion (``optimize="bert"``: onnxruntime's transformer optimizer fuses
    attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm into com.microsoft contrib ops), then
-   optional fp16 conversion or int8 dynamic quantization (onnxruntime, per channel);
+   optional fp16 conversion or int8 quantization (onnxruntime dynamic, per channel, with
+   activation smoothing calibrated on ``calibration`` inputs, see quantize.py);
 7. save in a temporary directory next to the target (external data above ~2 GB), verify in
    onnxruntime against the references, optionally write the ORT format, then os.replace.
 """
@@ -30,7 +33,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,7 @@ class ExportReport:
     lora_inputs: list[str] = field(default_factory=list)
     optimize: str | None = None
     fused_ops: dict[str, int] = field(default_factory=dict)
+    int8: dict[str, Any] = field(default_factory=dict)
     merged_layers: int = 0
     external_data: bool = False
     adapter_path: Path | None = None
@@ -162,6 +166,17 @@ class ExportReport:
         if self.optimize:
             fused = ", ".join(f"{n} {k}" for n, k in self.fused_ops.items() if k) or "nothing"
             lines.append(f"  optimize={self.optimize!r} (onnxruntime contrib ops): fused {fused}")
+        if self.int8:
+            lines.append(
+                f"  int8: {self.int8['matmuls']} MatMul weights per channel, "
+                f"{len(self.int8['embeddings'])} embedding table(s) per column, "
+                + (
+                    f"{len(self.int8['smoothed'])} MatMul input(s) smoothed "
+                    f"(calibration: {self.int8['calibration_runs']} runs)"
+                    if self.int8["calibration_runs"]
+                    else "no smoothing (no calibration inputs)"
+                )
+            )
         if self.ort_path:
             lines.append(f"  ORT format: {self.ort_path}")
         if self.checks:
@@ -203,6 +218,52 @@ def _check_inputs(example_inputs: Any) -> dict[str, torch.Tensor]:
         shape = tuple(value.shape)
         out[str(name)] = value.detach().cpu()
     return out
+
+
+def _check_calibration(
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None,
+    example: dict[str, torch.Tensor],
+    quantize: str | None,
+) -> list[dict[str, np.ndarray]]:
+    """The calibration inputs as onnxruntime feeds (the example's names and dtypes)."""
+    names = list(example)
+    if calibration is None:
+        return []
+    if quantize != "int8":
+        raise ValueError(
+            f"calibration: only used by quantize='int8' (got quantize={quantize!r}); leave it None"
+        )
+    if isinstance(calibration, Mapping):
+        raise TypeError(
+            "calibration: got one mapping; need an iterable of them (one per run), e.g. "
+            "[tokenizer(text, return_tensors='pt') for text in texts]"
+        )
+    feeds: list[dict[str, np.ndarray]] = []
+    for i, item in enumerate(calibration):
+        if not isinstance(item, Mapping):
+            raise TypeError(
+                f"calibration[{i}]: got {type(item).__name__}, need a mapping "
+                "{name: tensor [batch, seq]}"
+            )
+        missing = [n for n in names if n not in item]
+        if missing:
+            raise ValueError(
+                f"calibration[{i}]: missing input(s) {missing}; need the example's names {names}"
+            )
+        feed = {}
+        for name in names:
+            value = item[name]
+            value = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+            value = np.asarray(value)
+            if value.ndim != 2:
+                raise ValueError(
+                    f"calibration[{i}][{name!r}]: got shape {list(value.shape)}, need [batch, seq]"
+                )
+            feed[name] = value.astype(example[name].numpy().dtype, copy=False)
+        feeds.append(feed)
+    if not feeds:
+        raise ValueError("calibration: got no inputs; pass None to skip smoothing")
+    return feeds
 
 
 def _vocab_size(model: nn.Module, fallback: int) -> int:
@@ -417,6 +478,7 @@ def export_onnx(
     verify_shapes: Sequence[tuple[int, int]] | None = None,
     external_data: bool | None = None,
     ort_format: bool = False,
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
     task: str | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
@@ -431,7 +493,8 @@ def export_onnx(
         path: output file (``.onnx``); its directory must exist and be writable.
         dtype: "fp32" or "fp16" (weights and activations in half; inputs/outputs unchanged).
         quantize: None or "int8" (onnxruntime dynamic quantization, int8 weights per
-            channel); combine with dtype="fp32".
+            channel, embeddings per column, activations smoothed on ``calibration``);
+            combine with dtype="fp32".
         verify: run the file in onnxruntime on the example inputs and on fresh random inputs
             of other batch/sequence sizes and compare with PyTorch; a failure raises
             VerificationError and writes nothing.
@@ -454,6 +517,11 @@ def export_onnx(
             that differ from the example's.
         external_data: store weights in ``<name>.data``; None: only when over ~2 GB.
         ort_format: also write ``<stem>.ort`` (the ORT format of onnxruntime mobile builds).
+        calibration: int8 only: representative inputs, {name: tensor [batch, seq]} each
+            with the example's names (e.g. a few hundred training sentences, tokenized one
+            at a time). The activations they produce choose the per-channel smoothing that
+            keeps int8 close to fp32 (see export/quantize.py); None: plain dynamic
+            quantization, no smoothing (measurably less accurate on real models).
         task: recorded in the file's metadata for the runner ("seq-cls", "causal-lm");
             default from the model class.
         seed: seed of the random verification inputs.
@@ -498,6 +566,7 @@ def export_onnx(
             raise ValueError(f"verify_shapes: got {(b, s)}, need positive (batch, seq)")
     if ort_format and external_data:
         raise ValueError("ort_format=True cannot be combined with external_data=True")
+    calib = _check_calibration(calibration, example, quantize)
 
     with staging_dir(target) as tmp:
         # -- 2. copy, references ------------------------------------------------------
@@ -555,8 +624,10 @@ def export_onnx(
                 lora_axes[name_a] = {1: _adapters.LORA_R}
                 lora_axes[name_b] = {0: _adapters.LORA_R}
         _check_modules(work)
-        if optimize is not None:
-            _use_eager_attention(work, say)
+        # always: SDPA's traced graph carries a NaN guard (IsNaN + Where over every
+        # attention-probability tensor) and a longer mask construction, ~10% of MiniLM's
+        # onnxruntime time on CPU, and the BERT fusion patterns match only the eager graph
+        _use_eager_attention(work, say)
         wrapper = _ExportWrapper(work, names, lora_modules).eval()
         args = tuple(example.values()) + tuple(lora_values)
 
@@ -629,7 +700,10 @@ def export_onnx(
         fused_ops: dict[str, int] = {}
         if optimize == "bert":
             say(f"fusing with onnxruntime's transformer optimizer (bert, {heads} heads)")
-            graph, fused_ops = _optimize_bert(raw, heads, hidden)
+            # int8 keeps the embedding lookups as Gathers: quantize_int8 gives their tables
+            # one scale per column, onnxruntime's EmbedLayerNormalization quantization one
+            # per table (3x the logit error on MiniLM)
+            graph, fused_ops = _optimize_bert(raw, heads, hidden, embed_layer_norm=quantize is None)
             if not fused_ops.get("Attention"):
                 # still correct (verify below), but the main speed-up is missing
                 logger.warning(
@@ -640,12 +714,24 @@ def export_onnx(
         if dtype == "fp16":
             say("converting weights and activations to fp16")
             graph = to_fp16(graph)
+        int8_summary = None
         if quantize == "int8":
-            say("int8 dynamic quantization (per channel, onnxruntime)")
+            say(
+                "int8 dynamic quantization (per channel, onnxruntime)"
+                + (f", smoothing calibrated on {len(calib)} run(s)" if calib else "")
+            )
             lora_set = set(lora_names)
             skip = [n.name for n in graph.graph.node if lora_set.intersection(n.input)]
             big = initializer_bytes(graph) > EXTERNAL_DATA_THRESHOLD
-            graph = quantize_int8(graph, tmp, exclude_nodes=skip, external_data=big)
+            lora_feeds = {n: v.numpy() for n, v in zip(lora_names, lora_values)}
+            graph, int8_summary = quantize_int8(
+                graph,
+                tmp,
+                exclude_nodes=skip,
+                external_data=big,
+                calibration=[feed | lora_feeds for feed in calib] if calib else None,
+            )
+            say(int8_summary.line())
         if lora_names:
             _add_rank0_defaults(graph, lora_names, lora_values)
         _set_metadata(graph, model, variant, merge, len(layers), task, lora_names, optimize)
@@ -666,6 +752,7 @@ def export_onnx(
             lora_inputs=lora_names,
             optimize=optimize,
             fused_ops=fused_ops,
+            int8=int8_summary.to_dict() if int8_summary else {},
             merged_layers=len(layers) if merge else 0,
             external_data=used_external,
             tolerance=tol,
@@ -743,7 +830,9 @@ def _session(path: Path) -> Any:
 
 def _use_eager_attention(model: nn.Module, say: Callable[[str], None]) -> None:
     """Switch a transformers model to the eager attention implementation (explicit
-    MatMul/Softmax/MatMul and an additive mask), the pattern the attention fusion matches."""
+    MatMul/Softmax/MatMul and an additive mask): the same outputs as SDPA (verify compares
+    with the model as given), a leaner graph, and the pattern the attention fusion
+    matches."""
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if current in (None, "eager"):
@@ -753,7 +842,7 @@ def _use_eager_attention(model: nn.Module, say: Callable[[str], None]) -> None:
         setter("eager")
     else:
         config._attn_implementation = "eager"
-    say(f"attention implementation {current!r} -> 'eager' for the fusion")
+    say(f"attention implementation {current!r} -> 'eager' for the export")
 
 
 def _attention_shape(model: nn.Module) -> tuple[int, int]:
@@ -765,10 +854,13 @@ def _attention_shape(model: nn.Module) -> tuple[int, int]:
     return heads, hidden
 
 
-def _optimize_bert(raw: Path, heads: int, hidden: int) -> tuple[onnx.ModelProto, dict[str, int]]:
+def _optimize_bert(
+    raw: Path, heads: int, hidden: int, embed_layer_norm: bool = True
+) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Fuse a BERT-family graph with onnxruntime.transformers.optimizer (Python fusions
     only, opt_level=0: the result has no hardware-specific layout and onnxruntime applies its
     own graph optimisations at load time). Returns (graph, {fused op: count})."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     # the optimizer logs through the root logger ("Failed to detect num_heads ...")
@@ -776,6 +868,8 @@ def _optimize_bert(raw: Path, heads: int, hidden: int) -> tuple[onnx.ModelProto,
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
+        options = FusionOptions("bert")
+        options.enable_embed_layer_norm = embed_layer_norm
         opt = optimize_model(
             str(raw),
             model_type="bert",
@@ -783,6 +877,7 @@ def _optimize_bert(raw: Path, heads: int, hidden: int) -> tuple[onnx.ModelProto,
             hidden_size=hidden,
             opt_level=0,
             use_gpu=False,
+            optimization_options=options,
         )
     finally:
         quiet.setLevel(level)

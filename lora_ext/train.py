@@ -1110,7 +1110,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         run_info["status"] = "done"
         if cfg.export:
             try:
-                metrics["export"] = export_run(out, model, tokenizer, task, val_enc)
+                metrics["export"] = export_run(
+                    out, model, tokenizer, task, val_enc, split.train.texts, cfg.max_length
+                )
             except Exception as e:  # the trained adapter is safe on disk: report, don't lose it
                 metrics["export_error"] = f"{type(e).__name__}: {e}"
                 run_info["status"] = "done; export failed"
@@ -1195,23 +1197,51 @@ def plot_loss(
     os.replace(tmp, path)
 
 
+# int8 smoothing is calibrated on this many training texts (never the held-out ones)
+CALIBRATION_SAMPLES = 256
+
+
 def export_run(
-    out: Path, model: nn.Module, tokenizer: Any, task: Task, val_enc: D.Encoded
+    out: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    val_enc: D.Encoded,
+    calibration_texts: Sequence[str] = (),
+    max_length: int = 128,
 ) -> dict[str, Any]:
-    """--export: merged fp32 and int8 ONNX files under out/onnx, verified by onnxruntime."""
+    """--export: merged fp32 and int8 ONNX files under out/onnx, verified by onnxruntime; int8
+    is calibrated on the first training examples (never on the held-out ones)."""
     from lora_ext.export import export_onnx
 
     onnx_dir = out / "onnx"
     onnx_dir.mkdir(exist_ok=True)
     example = D.collate(val_enc, range(min(2, len(val_enc))))
     inputs = {"input_ids": example["input_ids"], "attention_mask": example["attention_mask"]}
+    calibration = None
+    if calibration_texts:
+        from lora_ext.export import calibration_runs
+
+        texts = list(calibration_texts)[:CALIBRATION_SAMPLES]
+        calibration = [
+            {k: v for k, v in run.items() if k in inputs}
+            for run in calibration_runs(tokenizer, texts, max_length=max_length)
+        ]
     cpu_model = model.to("cpu").eval()
     reports = {}
     for name, quantize in (("fp32", None), ("int8", "int8")):
         path = onnx_dir / ("model.onnx" if name == "fp32" else "model.int8.onnx")
         # export_onnx merges a copy, checks the file in onnxruntime against PyTorch (fp32 to
         # 1e-4 relative) and leaves no file behind when that check fails.
-        report = export_onnx(cpu_model, inputs, path, quantize=quantize, task=task.kind, log=_log)
+        report = export_onnx(
+            cpu_model,
+            inputs,
+            path,
+            quantize=quantize,
+            calibration=calibration if quantize == "int8" else None,
+            task=task.kind,
+            log=_log,
+        )
         reports[name] = _jsonable(report.to_dict())
         _log(report.table())
     tokenizer.save_pretrained(onnx_dir)  # the runner and `lora-ext infer` read it from here
