@@ -60,7 +60,8 @@ def add_subcommands(subparsers: Any) -> None:
         type=int,
         default=256,
         metavar="N",
-        help="--int8: texts to calibrate on, one run each (default 256)",
+        help="--int8: texts to calibrate on, half one per run, half in padded batches of 16 "
+        "(default 256)",
     )
     exp.add_argument("--task", choices=TASKS, help="default: from the model")
     exp.add_argument(
@@ -202,8 +203,8 @@ def calibration_inputs(
     max_length: int = 128,
 ) -> list[dict[str, Any]] | None:
     """int8 calibration inputs: the first ``samples`` texts of a data set's training split
-    (half one per run, half in padded batches: quantize.calibration_runs). ``data`` None: the data
-    of the ``lora-ext train`` run that wrote ``adapter`` (its run.json), else None."""
+    (half one per run, half in padded batches: quantize.calibration_runs). ``data`` None: the
+    data of the ``lora-ext train`` run that wrote ``adapter`` (its run.json), else None."""
     from lora_ext import data as D
 
     if samples < 1:
