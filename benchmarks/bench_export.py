@@ -16,8 +16,9 @@ alike; the figure is the median over all timed runs. Agreement: argmax of int8 v
 are compared with the plain fp32 one the same way.
 
 int8 is calibrated (``export_onnx(..., calibration=...)``: activation smoothing, see
-export/quantize.py) on the first 256 snippets of the *training* split, tokenized one per
-run; the uncalibrated int8 export is measured alongside for comparison.
+export/quantize.py) on the first 256 snippets of the *training* split
+(``calibration_runs``: half one per run, half in padded batches); the uncalibrated int8
+export is measured alongside for comparison.
 
 Diagnostic rows ``*_gemm_floor``: the model's GEMMs alone (per layer Q, K, V, the two
 attention products, output, FFN in/out at the model's sizes, random weights) chained in
@@ -72,15 +73,6 @@ def validation_snippets(split: Any, n: int) -> tuple[list[str], list[int]]:
     """The first ``n`` snippets of the validation split, with labels (0 rotten, 1 fresh)."""
     val = split.val
     return list(val.texts[:n]), [int(y) for y in val.labels[:n]]
-
-
-def calibration_inputs(split: Any, tokenizer: Any, n: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``n`` snippets of the training split as calibration runs (half one per run,
-    half in padded batches; int8 calibration never sees the validation snippets the
-    agreement is measured on)."""
-    from lora_ext.export import calibration_runs
-
-    return calibration_runs(tokenizer, split.train.texts[:n], max_length=128)
 
 
 def gemm_floor(config: Any, seq: int, threads: int, path: Path) -> tuple[Any, Any]:
@@ -321,7 +313,7 @@ def main() -> int:
     import onnx
     import onnxruntime as ort
     import transformers
-    from lora_ext.export import export_onnx
+    from lora_ext.export import calibration_runs, export_onnx
 
     import lora_ext
 
@@ -342,7 +334,8 @@ def main() -> int:
             adapter = train_adapter(tmp / "run", args.train_steps, args.threads)
         model, tokenizer = build_model(adapter)
         example = seq_input(tokenizer, eval_texts[::-1], args.seq)
-        calib = calibration_inputs(split, tokenizer, args.calibration_samples)
+        # int8 calibration never sees the validation snippets the agreement is measured on
+        calib = calibration_runs(tokenizer, split.train.texts[: args.calibration_samples])
         print("exporting merged fp32, base fp32, merged int8, fused fp32/int8 ...", file=sys.stderr)
         reports = {
             "ort_fp32_merged": export_onnx(model, example, tmp / "merged.onnx"),

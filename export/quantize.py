@@ -27,6 +27,7 @@ int8, in three steps (``quantize_int8``):
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,16 +128,19 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 # -- smoothing ----------------------------------------------------------------------------
+def _use_counts(model: onnx.ModelProto) -> Counter[str]:
+    """How many node inputs read each value: an initializer read once can be rewritten
+    without changing any other node."""
+    return Counter(name for node in model.graph.node for name in node.input)
+
+
 def _constant_matmuls(model: onnx.ModelProto, exclude: set[str]) -> dict[str, list[onnx.NodeProto]]:
     """{activation input: nodes reading it} for MatMuls (and the fused com.microsoft
     Attention of optimize="bert", whose input 1 is the [hidden, 3 x hidden] QKV weight) with a
     2-D float32 constant weight used by nothing else, so that scaling its rows changes only
     these nodes."""
     inits = {i.name: i for i in model.graph.initializer}
-    users: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
+    users = _use_counts(model)
     groups: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         plain = node.op_type == "MatMul" and node.domain in ("", "ai.onnx")
@@ -307,10 +311,7 @@ def quantize_embeddings(
     channels again), which one scale per table does not; the table shrinks 4x.
     """
     inits = {i.name: i for i in model.graph.initializer}
-    users: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
+    users = _use_counts(model)
     graph_outputs = {o.name for o in model.graph.output}
     done: list[str] = []
     nodes: list[onnx.NodeProto] = []
@@ -378,7 +379,7 @@ def quantize_int8(
             graph inputs).
         external_data: write the intermediates with external data (models > 2 GB).
         calibration: feeds {graph input name: array [batch, seq]} of representative inputs
-            (a few hundred real sentences, one run each); None: no smoothing.
+            (a few hundred real sentences, see calibration_runs); None: no smoothing.
 
     Returns: (the quantized graph, Int8Summary).
     """

@@ -126,12 +126,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     paths = {"fp32": onnx_dir / "model.onnx", "int8": onnx_dir / "model.int8.onnx"}
     reports = {}
     # int8 smoothing calibrated on training snippets (the held-out ones are only evaluated)
-    calibration = [
-        {k: v for k, v in run.items() if k in example}
-        for run in calibration_runs(
-            tokenizer, split.train.texts[:CALIBRATION_SAMPLES], max_length=cfg.max_length
-        )
-    ]
+    calibration = calibration_runs(
+        tokenizer, split.train.texts[:CALIBRATION_SAMPLES], max_length=cfg.max_length
+    )
     for name, quantize in (("fp32", None), ("int8", "int8")):
         reports[name] = export_onnx(
             model,

@@ -1222,11 +1222,9 @@ def export_run(
     if calibration_texts:
         from lora_ext.export import calibration_runs
 
+        # extra tokenizer outputs (token_type_ids) are ignored: export_onnx reads the example's
         texts = list(calibration_texts)[:CALIBRATION_SAMPLES]
-        calibration = [
-            {k: v for k, v in run.items() if k in inputs}
-            for run in calibration_runs(tokenizer, texts, max_length=max_length)
-        ]
+        calibration = calibration_runs(tokenizer, texts, max_length=max_length)
     cpu_model = model.to("cpu").eval()
     reports = {}
     for name, quantize in (("fp32", None), ("int8", "int8")):
