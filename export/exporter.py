@@ -9,12 +9,16 @@ The path, in order (nothing is written at the target until every step has passed
 3. merge the LoRA adapters into the copy (``merge_and_unload``), or, with ``merge=False``,
    turn every adapted layer's A and B into graph inputs (adapter hot-swap, see adapters.py).
    The copy runs the eager attention implementation (a leaner graph than SDPA's, same
-   outputs);
+   outputs). Merged BERT-family attention drops its key bias and folds its value bias
+   into the output projection (exact). A classifier that reads token 0 only (BERT-family ForSequenceClassification)
+   gets its last layer computed for that token alone (export/rewrite.py; exact, checked);
 4. check that every op the model runs has an ONNX form (one forward pass records the ops
    per module; an op from another library, e.g. a custom CUDA kernel, is named with its
    module);
 5. torch.onnx.export (the TorchScript exporter: dynamic batch/sequence axes through
    ``dynamic_axes``, plain MatMul/Gemm/LayerNormalization..., no onnxscript dependency);
+   Reshape targets computed from Shape ops become constants where symbolic shapes allow
+   (export/graph_passes.py);
 6. optional operator fusion (``optimize="bert"``: onnxruntime's transformer optimizer fuses
    attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm into com.microsoft contrib ops), then
    optional fp16 conversion or int8 quantization (onnxruntime dynamic, per channel, with
@@ -25,6 +29,7 @@ The path, in order (nothing is written at the target until every step has passed
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -44,6 +49,8 @@ import torch
 from torch import nn
 
 from . import adapters as _adapters
+from . import graph_passes as _graph_passes
+from . import rewrite as _rewrite
 from ._io import (
     EXTERNAL_DATA_THRESHOLD,
     check_output_path,
@@ -113,6 +120,7 @@ class ExportReport:
     output_names: list[str]
     lora_inputs: list[str] = field(default_factory=list)
     optimize: str | None = None
+    first_token_only: bool = False
     fused_ops: dict[str, int] = field(default_factory=dict)
     int8: dict[str, Any] = field(default_factory=dict)
     merged_layers: int = 0
@@ -163,6 +171,8 @@ class ExportReport:
             )
         elif self.merged_layers:
             lines.append(f"  merged LoRA layers: {self.merged_layers}")
+        if self.first_token_only:
+            lines.append("  last layer computes token 0 only (the classifier reads nothing else)")
         if self.optimize:
             fused = ", ".join(f"{n} {k}" for n, k in self.fused_ops.items() if k) or "nothing"
             lines.append(f"  optimize={self.optimize!r} (onnxruntime contrib ops): fused {fused}")
@@ -480,6 +490,7 @@ def export_onnx(
     ort_format: bool = False,
     calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
     task: str | None = None,
+    first_token_only: bool | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> ExportReport:
@@ -524,6 +535,12 @@ def export_onnx(
             quantization, no smoothing (measurably less accurate on real models).
         task: recorded in the file's metadata for the runner ("seq-cls", "causal-lm");
             default from the model class.
+        first_token_only: the last encoder layer of a classifier that reads token 0 only
+            (BERT-family ForSequenceClassification) computes that token alone: ~1/L less
+            work for an L-layer encoder, same logits (export/rewrite.py; checked in PyTorch
+            before the export, then verified in onnxruntime as always). None (default):
+            when the model qualifies; True: required (ValueError if it does not qualify);
+            False: never (every position of every layer, as the model runs in PyTorch).
         seed: seed of the random verification inputs.
         log: progress callback (default: the "lora_ext.export" logger at INFO).
 
@@ -567,6 +584,12 @@ def export_onnx(
     if ort_format and external_data:
         raise ValueError("ort_format=True cannot be combined with external_data=True")
     calib = _check_calibration(calibration, example, quantize)
+    if first_token_only not in (None, True, False):
+        raise ValueError(f"first_token_only: got {first_token_only!r}, need None, True or False")
+    if first_token_only:
+        why_not = _rewrite.first_token_reason(model)
+        if why_not:
+            raise ValueError(f"first_token_only=True: the model does not qualify: {why_not}")
 
     with staging_dir(target) as tmp:
         # -- 2. copy, references ------------------------------------------------------
@@ -630,6 +653,23 @@ def export_onnx(
         _use_eager_attention(work, say)
         wrapper = _ExportWrapper(work, names, lora_modules).eval()
         args = tuple(example.values()) + tuple(lora_values)
+        # (not before optimize="bert": its attention fusion matches the graph with the biases)
+        if merge and optimize is None:
+            folded = _rewrite.fold_attention_biases(work)
+            if folded:
+                say(f"attention biases: key bias dropped, value bias folded ({folded} layers)")
+        pruned = False
+        if first_token_only is not False:
+            why_not = _rewrite.prune_to_first_token(
+                work,
+                [inputs for _, inputs in cases],
+                lambda _m, inputs, run=wrapper: run(*inputs.values(), *lora_values),
+            )
+            pruned = why_not is None
+            if pruned:
+                say("last layer: token 0 only (the classifier reads nothing else)")
+            elif first_token_only:
+                raise ValueError(f"first_token_only=True: {why_not}")
 
         # -- 4. every op has an ONNX form ------------------------------------------
         recorder = _OpRecorder(work)
@@ -693,6 +733,11 @@ def export_onnx(
                 f"the exported graph has ops outside standard ONNX (domain {foreign}), e.g. "
                 f"node {node.name!r} ({node.op_type})"
             )
+        constant_shapes = 0
+        if optimize is None:  # the fusion patterns match the exporter's shape arithmetic
+            graph, constant_shapes = _graph_passes.constant_reshapes(graph)
+        if constant_shapes:
+            say(f"{constant_shapes} Reshape targets made constant (shape arithmetic removed)")
         heads, hidden = _attention_shape(work)
         del work, wrapper
 
@@ -735,6 +780,8 @@ def export_onnx(
         if lora_names:
             _add_rank0_defaults(graph, lora_names, lora_values)
         _set_metadata(graph, model, variant, merge, len(layers), task, lora_names, optimize)
+        if pruned:
+            graph.metadata_props.add(key="lora_ext.first_token_only", value="1")
 
         # -- 7. save, verify, commit -----------------------------------------------
         staged_model = tmp / target.name
@@ -751,6 +798,7 @@ def export_onnx(
             output_names=[output_name],
             lora_inputs=lora_names,
             optimize=optimize,
+            first_token_only=pruned,
             fused_ops=fused_ops,
             int8=int8_summary.to_dict() if int8_summary else {},
             merged_layers=len(layers) if merge else 0,
@@ -863,22 +911,26 @@ def _optimize_bert(
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    raw = raw.resolve()
     # the optimizer logs through the root logger ("Failed to detect num_heads ...")
     quiet = logging.getLogger("onnxruntime.transformers")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
+    # its symbolic shape inference saves the model as sym_shape_infer_temp.onnx (+ weights)
+    # in the current directory when a shape stays unknown: run it in the staging directory
     try:
-        options = FusionOptions("bert")
-        options.enable_embed_layer_norm = embed_layer_norm
-        opt = optimize_model(
-            str(raw),
-            model_type="bert",
-            num_heads=heads,
-            hidden_size=hidden,
-            opt_level=0,
-            use_gpu=False,
-            optimization_options=options,
-        )
+        with contextlib.chdir(raw.parent):
+            options = FusionOptions("bert")
+            options.enable_embed_layer_norm = embed_layer_norm
+            opt = optimize_model(
+                str(raw),
+                model_type="bert",
+                num_heads=heads,
+                hidden_size=hidden,
+                opt_level=0,
+                use_gpu=False,
+                optimization_options=options,
+            )
     finally:
         quiet.setLevel(level)
     stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
@@ -886,9 +938,7 @@ def _optimize_bert(
     if stats:
         # onnx's shape inference stops at contrib ops, and the int8 quantizer needs the type
         # of every MatMul output; onnxruntime's symbolic shape inference knows these ops
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        graph = SymbolicShapeInference.infer_shapes(graph, auto_merge=True)
+        graph = _graph_passes.symbolic_shapes(graph) or graph
     # the fused nodes live in com.microsoft; declare it (shape inference in the int8
     # quantizer and some loaders refuse a domain without an opset import)
     if any(n.domain == "com.microsoft" for n in graph.graph.node) and not any(

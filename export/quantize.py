@@ -156,6 +156,16 @@ def _constant_matmuls(model: onnx.ModelProto, exclude: set[str]) -> dict[str, li
     return groups
 
 
+def _batched_weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMuls whose constant weight (input 1) has more than 2 dimensions."""
+    dims = {i.name: len(i.dims) for i in model.graph.initializer}
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and len(n.input) > 1 and dims.get(n.input[1], 2) > 2
+    ]
+
+
 @dataclass
 class _Calib:
     """Per MatMul input: channel-wise |max| over all runs; per run the channel-wise min/max
@@ -385,7 +395,10 @@ def quantize_int8(
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    exclude = list(exclude_nodes)
+    # onnxruntime's int8 MatMul takes a 2-D weight only (per-channel zero points of a
+    # batched [n, k, m] weight fail at run time): such MatMuls (the reassociated attention
+    # of a first-token-only last layer, a few kFLOP) stay in float
+    exclude = list(exclude_nodes) + _batched_weight_matmuls(model)
     summary = Int8Summary()
     feeds = [dict(f) for f in calibration] if calibration is not None else []
     if feeds:

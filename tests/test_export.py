@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -24,6 +25,13 @@ from lora_ext.export import (
     save_onnx_adapter,
 )
 from lora_ext.export.cli import add_subcommands
+from lora_ext.export.graph_passes import _constant_target
+from lora_ext.export.rewrite import (
+    FirstTokenLayer,
+    first_token_reason,
+    fold_attention_biases,
+    prune_to_first_token,
+)
 from torch import nn
 
 import lora_ext
@@ -157,6 +165,143 @@ def test_the_adapter_is_in_the_merged_file(minilm_classifier, clf, merged, encod
     assert rel_err(got, torch_logits(base, encoded)) > 1e-2
 
 
+# -- first-token pruning of the last layer -------------------------------------------------
+def _weight_shapes(path) -> Counter:
+    """How many MatMuls read a constant weight of each shape."""
+    graph = onnx.load(str(path))
+    dims = {i.name: tuple(i.dims) for i in graph.graph.initializer}
+    return Counter(
+        dims[n.input[1]] for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in dims
+    )
+
+
+def test_merged_export_computes_the_last_layer_for_token_0_only(clf, merged, encoded, tmp_path):
+    model, tok, example = clf
+    report, _, _ = merged
+    assert report.first_token_only
+    graph = onnx.load(str(report.path))
+    assert {p.key: p.value for p in graph.metadata_props}["lora_ext.first_token_only"] == "1"
+    full = export_onnx(model, example, tmp_path / "full.onnx", first_token_only=False)
+    assert not full.first_token_only and full.max_rel <= 1e-4
+    # MiniLM-L6: 6 layers x (Q, K, V, O) [384, 384] and FFN weights in the full graph; the
+    # pruned last layer keeps Q and O (one row each) and folds K and V into per-head products
+    # with [12, 32, 384] / [12, 384, 32] weights, so no projection of the whole sequence is
+    # left in it
+    shapes_full, shapes_pruned = _weight_shapes(full.path), _weight_shapes(report.path)
+    per_head = [(12, 32, 384), (12, 384, 32)]
+    assert shapes_full[(384, 384)] == 24 and all(shapes_full[s] == 0 for s in per_head)
+    assert shapes_pruned[(384, 384)] == 22 and all(shapes_pruned[s] == 1 for s in per_head)
+    assert shapes_pruned[(384, 1536)] == shapes_full[(384, 1536)] == 6
+    # same logits on padded batches, both against PyTorch
+    runs = [
+        OnnxRunner(r.path, tok, providers=["CPUExecutionProvider"])(SENTENCES)
+        for r in (report, full)
+    ]
+    ref = torch_logits(model, encoded)
+    assert rel_err(runs[0].logits, ref) <= 1e-4 and rel_err(runs[1].logits, ref) <= 1e-4
+    assert rel_err(runs[0].logits, runs[1].logits) <= 1e-5
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_prune_to_first_token_is_exact_with_padding(clf, encoded, attn):
+    model, _, _ = clf
+    work = copy.deepcopy(model)
+    lora_ext.inject.merge_and_unload(work)
+    work.set_attn_implementation(attn)  # eager: additive float mask; sdpa: boolean mask
+    forward = lambda m, inputs: m(**inputs).logits  # noqa: E731
+    reason = prune_to_first_token(work, [encoded], forward)
+    assert reason is None
+    assert isinstance(work.bert.encoder.layer[-1], FirstTokenLayer)
+    assert work.bert.encoder.layer[-1].reassociate  # merged: plain nn.Linear K and V
+    with torch.no_grad():
+        got = work(**encoded)
+    assert got.logits.shape == (6, 2)
+    assert rel_err(got.logits.numpy(), torch_logits(model, encoded)) <= 1e-5
+    # once pruned, the model no longer qualifies
+    assert first_token_reason(work) == "already pruned"
+
+
+def test_pruning_that_changes_the_output_is_undone(clf, encoded, tmp_path, monkeypatch):
+    model, _, example = clf
+    work = copy.deepcopy(model)
+    original = work.bert.encoder.layer[-1]
+    real_forward = FirstTokenLayer.forward
+    monkeypatch.setattr(
+        FirstTokenLayer, "forward", lambda self, *a, **k: real_forward(self, *a, **k) * 1.01
+    )
+    forward = lambda m, inputs: m(**inputs).logits  # noqa: E731
+    reason = prune_to_first_token(work, [encoded], forward)
+    assert reason is not None and "differ" in reason
+    assert work.bert.encoder.layer[-1] is original
+    with pytest.raises(ValueError, match="first_token_only=True: pruned outputs differ"):
+        export_onnx(model, example, tmp_path / "m.onnx", first_token_only=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_attention_biases_fold_exactly(clf, encoded):
+    model, _, _ = clf
+    work = copy.deepcopy(model)
+    lora_ext.inject.merge_and_unload(work)
+    assert fold_attention_biases(work) == 6
+    for layer in work.bert.encoder.layer:
+        assert layer.attention.self.key.bias is None and layer.attention.self.value.bias is None
+    assert fold_attention_biases(work) == 0  # nothing left to fold
+    with torch.no_grad():
+        got = work(**encoded).logits.numpy()
+    assert rel_err(got, torch_logits(model, encoded)) <= 1e-5
+
+
+def test_merged_graph_has_constant_reshape_targets(merged):
+    graph = onnx.load(str(merged[0].path))
+    inits = {i.name for i in graph.graph.initializer}
+    inits |= {o for n in graph.graph.node if n.op_type == "Constant" for o in n.output}
+    reshapes = [n for n in graph.graph.node if n.op_type == "Reshape" and "encoder" in n.name]
+    # per attention layer: Q, K, V into heads and the context back, for the 5 full layers
+    assert len(reshapes) >= 20 and all(n.input[1] in inits for n in reshapes)
+    # shape arithmetic is left only outside the layers (embeddings, mask construction)
+    assert not any(n.op_type == "Shape" and "/encoder/" in n.name for n in graph.graph.node)
+
+
+@pytest.mark.parametrize(
+    "src,dst,target",
+    [
+        (["batch", "sequence", 384], ["batch", "sequence", 12, 32], [0, 0, 12, 32]),
+        (["batch", "sequence", 12, 32], ["batch", "sequence", 384], [0, 0, 384]),
+        (["batch", "sequence", 384], ["batch*sequence", 384], [-1, 384]),
+        (["batch", "sequence", 384], ["sequence", "batch", 384], None),  # two unknowns
+        (["batch", None, 384], ["batch", None, 12, 32], [0, -1, 12, 32]),
+    ],
+)
+def test_constant_reshape_target(src, dst, target):
+    assert _constant_target(src, dst) == target
+
+
+def test_export_writes_nothing_into_the_working_directory(clf, tmp_path, monkeypatch):
+    # onnxruntime's symbolic shape inference saves sym_shape_infer_temp.onnx and a copy of
+    # the weights into the current directory when a shape stays unknown (as in the hot-swap
+    # graph, whose LoRA inputs have a dynamic rank)
+    model, _, example = clf
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    report = export_onnx(model, example, tmp_path / "hot.onnx", merge=False)
+    assert report.max_rel <= 1e-4
+    assert list(cwd.iterdir()) == []
+
+
+def test_first_token_only_true_needs_a_qualifying_model(minilm_classifier, tmp_path):
+    progress: list[str] = []
+    with pytest.raises(ValueError, match="does not qualify: BertModel is not a classifier"):
+        export_onnx(
+            minilm_classifier.model.bert,
+            minilm_classifier.inputs,
+            tmp_path / "m.onnx",
+            first_token_only=True,
+            log=progress.append,
+        )
+    assert progress == []  # refused before any work
+
+
 # -- fp16 / int8 ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs,max_size_ratio",
@@ -223,14 +368,15 @@ def test_int8_calibration_smooths_and_cuts_the_error(clf, merged, rt_texts, tmp_
     info = calibrated.int8
     assert info["calibration_runs"] == len(calib_texts) and plain.int8["calibration_runs"] == 0
     assert info["smoothed"] and not plain.int8["smoothed"]
-    # MiniLM's outlier channels sit in every FFN input: each must have been smoothed, and
-    # each smoothing must at least halve its simulated error
+    # MiniLM's outlier channels sit in every FFN input: each of the five full layers' must
+    # have been smoothed (the last layer's, one row of token 0, is smoothed where that pays),
+    # and each smoothing must at least halve its simulated error
     ffn_in = [
         k
         for k in info["smoothed"]
         if k.endswith("attention/output/LayerNorm/LayerNormalization_output_0")
     ]
-    assert len(ffn_in) == 6
+    assert {f"layer.{i}/" for i in range(5)} <= {k.split("/")[4] + "/" for k in ffn_in}
     assert all(v["error"] * 2 <= v["error_unsmoothed"] for v in info["smoothed"].values())
     graph = onnx.load(str(calibrated.path))
     smooth_muls = [n for n in graph.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth")]
@@ -257,13 +403,14 @@ def test_fused_int8_smooths_attention_and_keeps_embeddings_per_column(
         optimize="bert",
         calibration=_one_by_one(tok, calib_texts[:16]),
     )
-    assert report.fused_ops["Attention"] == 6 and not report.fused_ops.get(
+    # every layer's attention but the last's (token 0 only)
+    assert report.fused_ops["Attention"] == 5 and not report.fused_ops.get(
         "EmbedLayerNormalization"
     )
     graph = onnx.load(str(report.path))
     producers = {o: n for n in graph.graph.node for o in n.output}
     qattn = [n for n in graph.graph.node if n.op_type == "QAttention"]
-    assert len(qattn) == 6  # the fused QKV weights in int8 ...
+    assert len(qattn) == 5  # the fused QKV weights in int8 ...
     # QAttention reads DynamicQuantizeLinear(x); x comes from the smoothing Mul
     quantized_from = [producers[producers[n.input[0]].input[0]] for n in qattn]
     smoothed = [n for n in quantized_from if n.op_type == "Mul" and n.name.endswith("_smooth")]
@@ -397,16 +544,19 @@ def test_optimize_bert_fuses_verifies_and_agrees(clf, merged, encoded, tmp_path)
     report = export_onnx(model, example, tmp_path / "fused.onnx", optimize="bert")
     assert model.config._attn_implementation == attn  # only the copy went eager
     assert report.max_rel is not None and report.max_rel <= 1e-4
-    # MiniLM-L6: every layer's attention, both residual LayerNorms and the FFN GELU fused
+    # MiniLM-L6: the attention of every layer but the last (token 0 only, not the fused
+    # pattern), both residual LayerNorms and the FFN GELU fused
+    assert report.first_token_only
     assert report.fused_ops == {
         "EmbedLayerNormalization": 1,
-        "Attention": 6,
+        "Attention": 5,
         "BiasGelu": 6,
         "SkipLayerNormalization": 12,
     }
     graph = onnx.load(str(report.path))
     ops = {(n.domain, n.op_type) for n in graph.graph.node}
-    assert ("com.microsoft", "Attention") in ops and ("", "Softmax") not in ops
+    assert ("com.microsoft", "Attention") in ops
+    assert sum(n.op_type == "Softmax" for n in graph.graph.node) == 1  # the last layer's
     assert {p.key: p.value for p in graph.metadata_props}["lora_ext.optimize"] == "bert"
     # independently of the report: 6 longer sentences, vs PyTorch and the plain export
     got = OnnxRunner(report.path, tok, providers=["CPUExecutionProvider"])(SENTENCES)
@@ -550,6 +700,7 @@ def test_hot_swap_needs_lora_layers(minilm_classifier, tmp_path):
         ({"dtype": "fp16", "quantize": "int8"}, "needs dtype='fp32'"),
         ({"optimize": "gpt2"}, "optimize: got 'gpt2'"),
         ({"optimize": "bert", "dtype": "fp16"}, "optimize='bert' needs dtype='fp32'"),
+        ({"first_token_only": "yes"}, "first_token_only: got 'yes'"),
     ],
 )
 def test_bad_arguments_are_named(minilm_classifier, tmp_path, kwargs, match):
