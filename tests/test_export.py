@@ -289,6 +289,46 @@ def test_export_writes_nothing_into_the_working_directory(clf, tmp_path, monkeyp
     assert list(cwd.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "family,prunes",
+    [
+        ("Bert", True),
+        ("Roberta", True),
+        ("XLMRoberta", True),
+        ("Camembert", True),
+        ("Electra", True),
+        ("DistilBert", False),  # other layer structure: exported in full
+    ],
+)
+def test_first_token_pruning_across_encoder_families(family, prunes, tmp_path):
+    """Tiny random models of each family (built from a config, nothing downloaded), padded
+    batch: pruned where the family qualifies, verified against PyTorch either way."""
+    import transformers
+
+    torch.manual_seed(0)
+    config_cls = getattr(transformers, f"{family}Config")
+    if family == "DistilBert":
+        config = config_cls(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+    else:
+        config = config_cls(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            **({"embedding_size": 32} if family == "Electra" else {}),
+        )
+    config.num_labels = 3
+    model = getattr(transformers, f"{family}ForSequenceClassification")(config).eval()
+    ids = torch.randint(3, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    report = export_onnx(model, {"input_ids": ids, "attention_mask": mask}, tmp_path / "m.onnx")
+    assert report.first_token_only == prunes
+    assert report.max_rel <= 1e-5
+
+
 def test_first_token_only_true_needs_a_qualifying_model(minilm_classifier, tmp_path):
     progress: list[str] = []
     with pytest.raises(ValueError, match="does not qualify: BertModel is not a classifier"):
@@ -798,6 +838,14 @@ def test_cli_export_and_infer(clf, tmp_path, capsys):
     assert args.func(args) == 0
     table = capsys.readouterr().out
     assert "verify vs PyTorch" in table and "merged LoRA layers: 12" in table
+    assert "last layer computes token 0 only" in table
+    full = tmp_path / "onnx" / "full.onnx"
+    args = _parser().parse_args(
+        ["export", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(full)]
+        + ["--all-positions"]
+    )
+    assert args.func(args) == 0
+    assert "token 0 only" not in capsys.readouterr().out
     args = _parser().parse_args(["infer", "--onnx", str(out), *SENTENCES[:3]])
     assert args.func(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
