@@ -10,7 +10,8 @@ after warm-up), so the ratios hold on a noisy machine:
 - merge_ of a 4096x4096 weight, r = 16, vs ``W.add_(s * B @ A)``, with the memory allocated
   during the call (GPU: also as a fraction of the measured device copy bandwidth).
 
-Prints a table, writes JSON to benchmarks/results/bench_op_<device>.json.
+Prints a table, writes JSON to benchmarks/results/bench_op_<device>.json (on a GPU,
+bench_op_cuda_<gpu name>.json).
 
     python benchmarks/bench_op.py            # CPU float32 (and the GPU too, if there is one)
     python benchmarks/bench_op.py --quick    # fewer repeats, for a smoke run
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -397,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {device_name(device)}", flush=True)
         res = run_device(device, args.quick, args.repeats)
         args.out.mkdir(parents=True, exist_ok=True)
-        tag = f"_t{args.threads}" if args.threads and device.type == "cpu" else ""
+        if device.type == "cuda":  # the GPU named in the file: bench_op_cuda_nvidia_h100_....json
+            tag = "_" + re.sub(r"[^a-z0-9]+", "_", device_name(device).lower()).strip("_")
+        else:
+            tag = f"_t{args.threads}" if args.threads else ""
         path = args.out / f"bench_op_{device.type}{tag}{'_quick' if args.quick else ''}.json"
         path.write_text(json.dumps(res, indent=2))
         print(f"wrote {path}")

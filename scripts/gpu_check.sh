@@ -5,7 +5,9 @@
 # Needs a Python whose torch is a CUDA build, already installed (nothing is downloaded). It is
 # taken from $PYTHON, else .venv-cuda, else .venv, else python3 on PATH.
 # Env: TORCH_CUDA_ARCH_LIST (default: this GPU's arch only, for a faster build), MAX_JOBS,
-#      GPU_CHECK_QUICK=1 (fewer benchmark repeats).
+#      GPU_CHECK_QUICK=1 (fewer benchmark repeats), OUT (a folder: the benchmark JSON, named
+#      after the GPU, and the build/test/bench logs are copied there; the device tool brings
+#      $OUT back, so commit the JSON to benchmarks/results/ from there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -67,4 +69,9 @@ echo "build: ${build_s} s   tests: ${test_s} s (${test_summary:-no summary}, rc=
 awk '/^lora_ext op benchmark/{p=1} p' /tmp/lora_ext_gpu_bench.log
 [ $bench_rc -eq 0 ] || tail -20 /tmp/lora_ext_gpu_bench.log
 echo "total: $(( $(date +%s) - start )) s"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  cp benchmarks/results/bench_op_cuda_*.json /tmp/lora_ext_gpu_build.log \
+     /tmp/lora_ext_gpu_tests.log /tmp/lora_ext_gpu_bench.log "$OUT"/ 2>/dev/null
+  echo "copied the results and logs to $OUT"
+fi
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
