@@ -302,7 +302,10 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--sentences", type=int, default=1000, help="for argmax agreement")
     parser.add_argument(
-        "--calibration-samples", type=int, default=256, help="training snippets for int8"
+        "--calibration-samples",
+        type=int,
+        default=None,
+        help="training snippets for int8 (default: lora_ext.export's CALIBRATION_SAMPLES, 256)",
     )
     parser.add_argument("--adapter", help="an adapter dir from lora-ext train (default: train one)")
     parser.add_argument("--train-steps", type=int, default=300, help="steps when training here")
@@ -319,6 +322,10 @@ def main() -> int:
     import onnxruntime as ort
     import transformers
     from lora_ext.export import calibration_runs, export_onnx
+    from lora_ext.export.quantize import CALIBRATION_SAMPLES
+
+    if args.calibration_samples is None:
+        args.calibration_samples = CALIBRATION_SAMPLES
 
     import lora_ext
 

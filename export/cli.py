@@ -58,7 +58,7 @@ def add_subcommands(subparsers: Any) -> None:
     exp.add_argument(
         "--calibration-samples",
         type=int,
-        default=256,
+        default=None,
         metavar="N",
         help="--int8: texts to calibrate on, half one per run, half in padded batches of 16 "
         "(default 256)",
@@ -205,15 +205,20 @@ def calibration_inputs(
     tokenizer: Any,
     data: str | None,
     adapter: str | None,
-    samples: int,
+    samples: int | None,
     say: Any = print,
     max_length: int = 128,
 ) -> list[dict[str, Any]] | None:
     """int8 calibration inputs: the first ``samples`` texts of a data set's training split
-    (half one per run, half in padded batches: quantize.calibration_runs). ``data`` None: the
-    data of the ``lora-ext train`` run that wrote ``adapter`` (its run.json), else None."""
+    (half one per run, half in padded batches: quantize.calibration_runs; ``samples`` None:
+    quantize.CALIBRATION_SAMPLES). ``data`` None: the data of the ``lora-ext train`` run that
+    wrote ``adapter`` (its run.json), else None."""
+    from lora_ext.export.quantize import CALIBRATION_SAMPLES, calibration_runs
+
     from lora_ext import data as D
 
+    if samples is None:
+        samples = CALIBRATION_SAMPLES
     if samples < 1:
         raise ValueError(f"--calibration-samples: got {samples}, need >= 1")
     val_fraction, seed, columns = 0.1, 0, {}
@@ -237,8 +242,6 @@ def calibration_inputs(
         split = D.split_dataset(D.load_dataset(data, **columns), val_fraction, seed)
     except D.DataError as exc:
         raise ValueError(f"--calibration: {exc}") from exc
-    from lora_ext.export.quantize import calibration_runs
-
     texts = [t for t in split.train.texts if t.strip()][:samples]
     say(f"int8 calibration: {len(texts)} texts from the training split of {data}")
     return calibration_runs(tokenizer, texts, max_length=max_length)

@@ -10,8 +10,9 @@ The path, in order (nothing is written at the target until every step has passed
    turn every adapted layer's A and B into graph inputs (adapter hot-swap, see adapters.py).
    The copy runs the eager attention implementation (a leaner graph than SDPA's, same
    outputs). Merged BERT-family attention drops its key bias and folds its value bias
-   into the output projection (exact). A classifier that reads token 0 only (BERT-family ForSequenceClassification)
-   gets its last layer computed for that token alone (export/rewrite.py; exact, checked);
+   into the output projection (exact). A classifier that reads token 0 only (BERT-family
+   ForSequenceClassification) gets its last layer computed for that token alone
+   (export/rewrite.py; exact, checked);
 4. check that every op the model runs has an ONNX form (one forward pass records the ops
    per module; an op from another library, e.g. a custom CUDA kernel, is named with its
    module);
@@ -60,7 +61,7 @@ from ._io import (
     save_model,
     staging_dir,
 )
-from .quantize import quantize_int8, save_ort_format, to_fp16
+from .quantize import Int8Summary, quantize_int8, save_ort_format, to_fp16
 
 logger = logging.getLogger("lora_ext.export")
 
@@ -177,16 +178,7 @@ class ExportReport:
             fused = ", ".join(f"{n} {k}" for n, k in self.fused_ops.items() if k) or "nothing"
             lines.append(f"  optimize={self.optimize!r} (onnxruntime contrib ops): fused {fused}")
         if self.int8:
-            lines.append(
-                f"  int8: {self.int8['matmuls']} MatMul weights per channel, "
-                f"{len(self.int8['embeddings'])} embedding table(s) per column, "
-                + (
-                    f"{len(self.int8['smoothed'])} MatMul input(s) smoothed "
-                    f"(calibration: {self.int8['calibration_runs']} runs)"
-                    if self.int8["calibration_runs"]
-                    else "no smoothing (no calibration inputs)"
-                )
-            )
+            lines.append("  " + Int8Summary(**self.int8).line())
         if self.ort_path:
             lines.append(f"  ORT format: {self.ort_path}")
         if self.checks:
@@ -779,9 +771,7 @@ def export_onnx(
             say(int8_summary.line())
         if lora_names:
             _add_rank0_defaults(graph, lora_names, lora_values)
-        _set_metadata(graph, model, variant, merge, len(layers), task, lora_names, optimize)
-        if pruned:
-            graph.metadata_props.add(key="lora_ext.first_token_only", value="1")
+        _set_metadata(graph, model, variant, merge, len(layers), task, lora_names, optimize, pruned)
 
         # -- 7. save, verify, commit -----------------------------------------------
         staged_model = tmp / target.name
@@ -978,6 +968,7 @@ def _set_metadata(
     task: str | None,
     lora_names: list[str],
     optimize: str | None = None,
+    first_token_only: bool = False,
 ) -> None:
     """Facts the runner needs (task, labels, hot-swap inputs), as model metadata."""
     import lora_ext
@@ -998,6 +989,8 @@ def _set_metadata(
         meta["lora_ext.task"] = task
     if optimize:
         meta["lora_ext.optimize"] = optimize
+    if first_token_only:
+        meta["lora_ext.first_token_only"] = "1"
     id2label = getattr(config, "id2label", None)
     if task == "seq-cls" and id2label:
         meta["lora_ext.id2label"] = json.dumps({int(k): v for k, v in id2label.items()})

@@ -37,6 +37,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ._io import save_model
+
 logger = logging.getLogger("lora_ext.export")
 
 # Attention and EmbedLayerNormalization exist only in a graph fused by optimize="bert" and
@@ -82,6 +84,8 @@ class Int8Summary:
 # this many texts (batched serving: the pad rows change each run's dynamic range; smoothing
 # calibrated on single runs alone lost 2-3 points of agreement on padded batches of 16-64)
 CALIBRATION_BATCH = 16
+# calibration texts the exports of lora-ext (train --export, export --int8, the demo) use
+CALIBRATION_SAMPLES = 256
 
 
 def calibration_runs(
@@ -197,10 +201,7 @@ def _calibrate(
         if name not in declared:
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
     path = workdir / "int8_calibration.onnx"
-    if external_data:
-        onnx.save_model(probe, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save_model(probe, str(path))
+    save_model(probe, path, external_data)
     del probe
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -406,10 +407,7 @@ def quantize_int8(
         summary.calibration_runs = len(feeds)
     src = workdir / "int8_input.onnx"
     dst = workdir / "int8_output.onnx"
-    if external_data:
-        onnx.save_model(model, str(src), save_as_external_data=True, location=src.name + ".data")
-    else:
-        onnx.save_model(model, str(src))
+    save_model(model, src, external_data)
     # quantize_dynamic logs a hint about pre-processing (symbolic shape inference), which
     # fails on transformer graphs with data-dependent mask shapes and changes nothing for
     # dynamic quantization of MatMul weights.

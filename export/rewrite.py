@@ -67,11 +67,11 @@ def fold_attention_biases(model: nn.Module) -> int:
     in every BERT-family self-attention whose key, value and output projections are plain
     nn.Linear (see the module docstring). Returns how many layers were changed."""
     changed = 0
-    for module in model.modules():
+    for block in model.modules():  # BertAttention-like: .self (attention), .output.dense
+        module = getattr(block, "self", None)
         if type(module).__name__ not in _SELF_ATTENTION_CLASSES:
             continue
-        parent = next((m for m in model.modules() if getattr(m, "self", None) is module), None)
-        dense = getattr(getattr(parent, "output", None), "dense", None)
+        dense = getattr(getattr(block, "output", None), "dense", None)
         key, value = module.key, module.value
         if not all(type(m) is nn.Linear for m in (key, value, dense)):
             continue

@@ -76,13 +76,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from lora_ext import data as D
     from lora_ext import models
     from lora_ext.export import OnnxRunner, calibration_runs, export_onnx
-    from lora_ext.train import (
-        CALIBRATION_SAMPLES,
-        TrainConfig,
-        load_trained_adapter,
-        quiet_transformers,
-        train,
-    )
+    from lora_ext.export.quantize import CALIBRATION_SAMPLES
+    from lora_ext.train import TrainConfig, load_trained_adapter, quiet_transformers, train
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1197,10 +1197,6 @@ def plot_loss(
     os.replace(tmp, path)
 
 
-# int8 smoothing is calibrated on this many training texts (never the held-out ones)
-CALIBRATION_SAMPLES = 256
-
-
 def export_run(
     out: Path,
     model: nn.Module,
@@ -1220,7 +1216,7 @@ def export_run(
     inputs = {"input_ids": example["input_ids"], "attention_mask": example["attention_mask"]}
     calibration = None
     if calibration_texts:
-        from lora_ext.export import calibration_runs
+        from lora_ext.export.quantize import CALIBRATION_SAMPLES, calibration_runs
 
         # extra tokenizer outputs (token_type_ids) are ignored: export_onnx reads the example's
         texts = list(calibration_texts)[:CALIBRATION_SAMPLES]
