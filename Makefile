@@ -30,7 +30,7 @@ test: build
 	$(PY) -m pytest -q
 
 demo: build
-	$(PY) -m lora_ext.demo
+	$(VENV)/bin/lora-ext demo
 
 bench: build
 	$(PY) benchmarks/bench_op.py
@@ -48,6 +48,7 @@ cuda-build:
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: venv
 	$(VENV)/bin/ruff format .

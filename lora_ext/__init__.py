@@ -1,8 +1,13 @@
 """lora_ext: a compiled LoRA toolkit, from fine-tuning to a merged ONNX file.
 
-The public API is imported lazily (PEP 562): ``import lora_ext`` stays cheap and the
-compiled library is loaded by the first call that needs it, with a clear error if it
-was never built (see ``lora_ext.ops``).
+The layers, each importing only those above it (an import-linter contract in ``make lint``):
+
+    lora_ext            core: ops, reference, config, layer, inject (model level), io
+    lora_ext.export     ONNX export, quantization, hot-swap adapters, runner
+    lora_ext.training   data, bundled models, trainer, checkpoints, run files, plots
+    lora_ext.cli        the ``lora-ext`` command (the only layer joining training and export)
+
+Importing is cheap: the compiled library loads on the first op call (``lora_ext.ops``).
 
     import lora_ext
     cfg = lora_ext.LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=["query", "value"])
@@ -13,40 +18,45 @@ was never built (see ``lora_ext.ops``).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
-__version__ = "0.1.0"
+from lora_ext.config import LoraConfig, Task
+from lora_ext.inject import (
+    delete_adapter,
+    inject_,
+    lora_param_groups,
+    lora_parameters,
+    merge_,
+    merge_and_unload,
+    set_adapter,
+    summary,
+    unmerge_,
+)
+from lora_ext.io import load_adapter, save_adapter
+from lora_ext.layer import LoraLinear
+from lora_ext.ops import build_info
 
-# public name -> submodule that defines it
-_API: dict[str, str] = {
-    "LoraConfig": "config",
-    "LoraLinear": "layer",
-    "inject_": "inject",
-    "lora_parameters": "inject",
-    "lora_param_groups": "inject",
-    "merge_": "inject",
-    "unmerge_": "inject",
-    "merge_and_unload": "inject",
-    "set_adapter": "inject",
-    "delete_adapter": "inject",
-    "summary": "inject",
-    "save_adapter": "io",
-    "load_adapter": "io",
-    "build_info": "ops",
-}
+try:  # the version lives in one place: setup.py's metadata
+    __version__ = _version("lora_ext")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
 
-__all__ = sorted(_API) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    module_name = _API.get(name)
-    if module_name is None:
-        raise AttributeError(f"module 'lora_ext' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"lora_ext.{module_name}"), name)
-    globals()[name] = value  # cache: later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__ = [
+    "LoraConfig",
+    "LoraLinear",
+    "Task",
+    "__version__",
+    "build_info",
+    "delete_adapter",
+    "inject_",
+    "load_adapter",
+    "lora_param_groups",
+    "lora_parameters",
+    "merge_",
+    "merge_and_unload",
+    "save_adapter",
+    "set_adapter",
+    "summary",
+    "unmerge_",
+]

@@ -11,7 +11,32 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any
+
+
+class Task(StrEnum):
+    """What a model computes, the one home of the task names (a str: ``Task.SEQ_CLS ==
+    "seq-cls"``, so JSON files and CLI flags carry the plain value)."""
+
+    SEQ_CLS = "seq-cls"  # [batch, seq] tokens -> [batch, labels] logits
+    CAUSAL_LM = "causal-lm"  # [batch, seq] tokens -> [batch, seq, vocab] next-token logits
+
+    @classmethod
+    def from_architecture(cls, architecture: str) -> Task | None:
+        """The task of a transformers class name (``BertForSequenceClassification``,
+        ``LlamaForCausalLM``, ``GPT2LMHeadModel``), or None for another head."""
+        if architecture.endswith("ForSequenceClassification"):
+            return cls.SEQ_CLS
+        if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+            return cls.CAUSAL_LM
+        return None
+
+    @classmethod
+    def of_model(cls, model: Any) -> Task | None:
+        """The task of a model object (by its class), or None."""
+        return cls.from_architecture(type(model).__name__)
+
 
 INITS = ("kaiming", "gaussian", "pissa")
 BIASES = ("none", "all", "lora_only")

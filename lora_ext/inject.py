@@ -381,8 +381,8 @@ def merge_(model: nn.Module, safe: bool = False) -> nn.Module:
     ``ops.merge_``, accumulated in float32, rounded once). The forward is then the plain
     base layers. Merging an already merged adapter is a no-op with one warning.
 
-    safe=True: every delta of every layer is checked for non-finite values first; if one is
-    found, ValueError is raised and no weight changes.
+    safe=True: every layer is checked first (a finite delta, no finite weight overflowing:
+    ``ops.merge_is_safe``); if one fails, ValueError is raised and no weight changes.
 
     Returns: ``model``.
     """
@@ -402,7 +402,7 @@ def _merge(model: nn.Module, safe: bool, warn: bool) -> None:
                 raise ValueError(f"safe merge: {problem} in {name!r}; nothing was merged")
     skipped: set[str] = set()
     for _, layer in layers:
-        skipped.update(layer.merge(safe=safe))
+        skipped.update(layer.merge())  # checked above, all layers before any merge
     if skipped and warn:
         warnings.warn(
             f"merge_: adapter(s) {sorted(skipped)} already merged; nothing done for them",

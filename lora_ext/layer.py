@@ -209,26 +209,48 @@ class LoraLinear(nn.Module):
         b = self.lora_B[adapter_name].detach().to(torch.float32)
         return self.scaling[adapter_name] * (b @ a)
 
-    def merge_problem(self, adapter_names: Iterable[str]) -> str | None:
-        """Why merging these adapters (in order) would not be safe, or None: a delta with a
-        non-finite value, or a finite weight entry that would overflow to inf/nan in the
-        weight's dtype (the test ``ops.merge_(safe=True)`` applies, done for all adapters
-        up front so that a refusal leaves the weight untouched)."""
-        weight = self.base_weight().detach()
-        total = weight.to(torch.float32)
-        for name in adapter_names:
-            delta = self.get_delta_weight(name)
-            if not torch.isfinite(delta).all():
-                return f"adapter {name!r} has a non-finite delta weight"
-            total = total + delta
-        finite_before = torch.isfinite(weight)
-        if (finite_before & ~torch.isfinite(total.to(weight.dtype))).any():
-            return f"merging {list(adapter_names)} would overflow the {weight.dtype} weight"
-        return None
+    def pending_adapters(self) -> list[str]:
+        """The active adapters not merged into the base weight (what forward adds)."""
+        return [
+            n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters
+        ]
 
-    def _stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """(A, B, scale, dropout_p) for the op; several adapters are stacked along r with B
-        pre-scaled so that one op call computes their sum."""
+    def stack_adapters(
+        self, names: list[str], dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one stacking of several adapters: (A [sum r, in], B [out, sum r]) with each
+        B_i pre-scaled, so that ``B @ A = sum_i scale_i B_i A_i``. Used by forward (several
+        active adapters: one op call), the safe-merge check and the hot-swap export.
+
+        Args:
+            names: adapters on this layer, in order.
+            dtype: cast A and B_i to it before scaling (float32 for checks and exports);
+                None keeps the parameters' dtype and their autograd graph.
+        """
+        cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+        a = torch.cat([cast(self.lora_A[n]) for n in names], dim=0)
+        b = torch.cat([cast(self.lora_B[n]) * self.scaling[n] for n in names], dim=1)
+        return a, b
+
+    def merge_problem(self, adapter_names: Iterable[str]) -> str | None:
+        """Why merging these adapters would not be safe, or None: a non-finite delta, or a
+        finite weight entry that would overflow to inf/nan in the weight's dtype. The check
+        is the compiled op's (``ops.merge_is_safe``, tiled in float32: no weight-sized
+        temporary), over all the adapters stacked, so a refusal leaves the weight untouched."""
+        names = list(adapter_names)
+        if not names:
+            return None
+        with torch.no_grad():
+            a, b = self.stack_adapters(names, dtype=torch.float32)
+            if ops.merge_is_safe(self.base_weight().detach(), a, b, 1.0):
+                return None
+        return (
+            f"merging {names} gives a non-finite delta or would overflow the "
+            f"{self.base_weight().dtype} weight"
+        )
+
+    def _op_adapters(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(A, B, scale, dropout_p) for one op call over the pending adapters."""
         if len(names) == 1:
             name = names[0]
             return self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
@@ -238,19 +260,16 @@ class LoraLinear(nn.Module):
                 f"active adapters {names} have different dropout rates {sorted(rates)}; "
                 "in train mode they share one dropout mask, so they need the same rate"
             )
-        a = torch.cat([self.lora_A[n] for n in names], dim=0)
-        b = torch.cat([self.lora_B[n] * self.scaling[n] for n in names], dim=1)
+        a, b = self.stack_adapters(names)
         return a, b, 1.0, max(rates)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]. Merged adapters are already in the base weight; the
         others go through the fused op (dropout in train mode only)."""
-        pending = [
-            n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters
-        ]
+        pending = self.pending_adapters()
         if not pending:
             return self.base_layer(x)
-        lora_a, lora_b, scale, dropout_p = self._stacked(pending)
+        lora_a, lora_b, scale, dropout_p = self._op_adapters(pending)
         weight = self.base_weight()
         # the op computes in one dtype, the base weight's (casts are differentiable)
         if x.dtype != weight.dtype:
@@ -279,8 +298,9 @@ class LoraLinear(nn.Module):
         """Add scale * B A of each named adapter (default: the active ones) into the base
         weight in place via ``ops.merge_``. Already merged adapters are skipped.
 
-        safe=True checks every delta for non-finite values before touching the weight and
-        raises ValueError (weight bit-identical) if one is found.
+        safe=True checks (once, over all of them) that the deltas are finite and that no
+        finite weight would overflow before touching the weight, and raises ValueError
+        (weight bit-identical) otherwise.
 
         Returns: the names that were already merged (skipped).
         """
@@ -304,7 +324,6 @@ class LoraLinear(nn.Module):
                     self.lora_A[name].detach(),
                     self.lora_B[name].detach(),
                     self.scaling[name],
-                    safe=safe,
                 )
                 self.merged_adapters.append(name)
         return skipped

@@ -19,20 +19,44 @@ from typing import Any
 import torch
 from torch import Tensor
 
-try:
-    from lora_ext import _C  # loads the library: registers torch.ops.lora_ext.*
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "lora_ext's compiled extension (lora_ext._C) is missing or does not match the installed "
-        f"torch {torch.__version__}. Build it from the repository root with\n"
-        "    pip install --no-build-isolation -e .\n"
-        "(or `make build`); LORA_EXT_CPU_ONLY=1 skips the CUDA kernels. "
-        f"Original error: {exc}"
-    ) from exc
+__all__ = [
+    "build_info",
+    "dropout_mask",
+    "load_library",
+    "lora_linear",
+    "make_seed",
+    "merge_",
+    "merge_is_safe",
+]
 
-__all__ = ["build_info", "dropout_mask", "lora_linear", "make_seed", "merge_"]
+_ops = torch.ops.lora_ext  # resolved per attribute, after load_library() registered them
+_loaded = False
 
-_ops = torch.ops.lora_ext
+
+def load_library() -> None:
+    """Load the compiled ``lora_ext._C`` (registers ``torch.ops.lora_ext.*``) and the Python
+    halves of the ops (fake kernels, autograd), once, on the first op call: importing the
+    layer or the export package never needs the compiled library."""
+    global _loaded
+    if _loaded:
+        return
+    try:
+        from lora_ext import _C  # noqa: F401
+    except ImportError as exc:  # exercised only on a broken install
+        raise ImportError(
+            "lora_ext's compiled extension (lora_ext._C) is missing or does not match the "
+            f"installed torch {torch.__version__}. Build it from the repository root with\n"
+            "    pip install --no-build-isolation -e .\n"
+            "(or `make build`); LORA_EXT_CPU_ONLY=1 skips the CUDA kernels. "
+            f"Original error: {exc}"
+        ) from exc
+    _register_fakes()
+    torch.library.register_autograd(
+        "lora_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context
+    )
+    _loaded = True
+
+
 _SEED_HIGH = 2**62
 
 
@@ -44,6 +68,9 @@ def build_info() -> dict[str, Any]:
         (e.g. ``["8.0", "9.0"]``), ``cuda_version``, ``torch_version`` (compiled against),
         ``openmp``, ``cpu_dispatch``, ``compiler`` and ``dropout_rng``.
     """
+    load_library()
+    from lora_ext import _C
+
     return dict(_C.build_info())
 
 
@@ -119,6 +146,7 @@ def lora_linear(
             "lora_linear: weight and bias are frozen (no gradient flows to them); "
             "set requires_grad=False on the base layer's parameters"
         )
+    load_library()
     seed_t = make_seed(seed) if dropout_p > 0.0 else _NO_SEED
     y, _ = _ops.lora_linear.default(
         x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), seed_t
@@ -144,6 +172,7 @@ def merge_(
         weight (the same tensor, updated).
     """
     _check_scale_p(scale, 0.0)
+    load_library()
     with torch.no_grad():  # merging is never part of a graph; also allows leaf parameters
         if safe and not bool(_ops.merge_check.default(weight, lora_a, lora_b, float(scale))):
             raise ValueError(
@@ -153,6 +182,19 @@ def merge_(
             )
         _ops.merge_.default(weight, lora_a, lora_b, float(scale))
     return weight
+
+
+def merge_is_safe(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> bool:
+    """Whether ``merge_(weight, lora_a, lora_b, scale)`` keeps every finite weight finite and
+    adds a finite delta; tiled in float32 like the merge itself (no weight-sized temporary).
+
+    Args:
+        weight: [out, in]. lora_a: [r, in]. lora_b: [out, r]. scale: finite.
+    """
+    _check_scale_p(scale, 0.0)
+    load_library()
+    with torch.no_grad():
+        return bool(_ops.merge_check.default(weight, lora_a, lora_b, float(scale)))
 
 
 def dropout_mask(like: Tensor, seed: int | Tensor, dropout_p: float, offset: int = 0) -> Tensor:
@@ -168,6 +210,7 @@ def dropout_mask(like: Tensor, seed: int | Tensor, dropout_p: float, offset: int
         bool tensor of ``like.shape`` on ``like.device``.
     """
     _check_scale_p(1.0, dropout_p)
+    load_library()
     return _ops.dropout_mask.default(like, make_seed(seed), float(dropout_p), int(offset))
 
 
@@ -179,7 +222,6 @@ def _rows_shape(x: Tensor, last: int) -> list[int]:
     return [*x.shape[:-1], last]
 
 
-@torch.library.register_fake("lora_ext::lora_linear")
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
     torch._check(x.dim() >= 1, lambda: "x must have shape [..., in_features]")
     torch._check(
@@ -201,7 +243,6 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
     return y, xa
 
 
-@torch.library.register_fake("lora_ext::lora_linear_backward")
 def _lora_linear_backward_fake(
     grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, output_mask
 ):
@@ -212,19 +253,24 @@ def _lora_linear_backward_fake(
     )
 
 
-@torch.library.register_fake("lora_ext::merge_")
 def _merge_fake(weight, lora_a, lora_b, scale):
     return None
 
 
-@torch.library.register_fake("lora_ext::merge_check")
 def _merge_check_fake(weight, lora_a, lora_b, scale):
     return weight.new_empty((), dtype=torch.bool)
 
 
-@torch.library.register_fake("lora_ext::dropout_mask")
 def _dropout_mask_fake(like, seed, dropout_p, offset=0):
     return like.new_empty(like.shape, dtype=torch.bool)
+
+
+def _register_fakes() -> None:
+    torch.library.register_fake("lora_ext::lora_linear")(_lora_linear_fake)
+    torch.library.register_fake("lora_ext::lora_linear_backward")(_lora_linear_backward_fake)
+    torch.library.register_fake("lora_ext::merge_")(_merge_fake)
+    torch.library.register_fake("lora_ext::merge_check")(_merge_check_fake)
+    torch.library.register_fake("lora_ext::dropout_mask")(_dropout_mask_fake)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +302,3 @@ def _lora_linear_backward(ctx, grad_y, grad_xa):
         grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed, output_mask
     )
     return grad_x, None, None, grad_a, grad_b, None, None, None
-
-
-torch.library.register_autograd(
-    "lora_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context
-)

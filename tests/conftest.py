@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lora_ext import models  # noqa: E402
+from lora_ext.training import models  # noqa: E402
 
 
 @dataclass

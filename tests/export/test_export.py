@@ -16,6 +16,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
+
+import lora_ext
+from lora_ext.cli.export import add_export_command
+from lora_ext.cli.infer import add_infer_command
 from lora_ext.export import (
     OnnxRunner,
     UnsupportedModuleError,
@@ -24,7 +29,6 @@ from lora_ext.export import (
     read_onnx_adapter,
     save_onnx_adapter,
 )
-from lora_ext.export.cli import add_subcommands
 from lora_ext.export.graph_passes import _constant_target
 from lora_ext.export.rewrite import (
     FirstTokenLayer,
@@ -32,9 +36,6 @@ from lora_ext.export.rewrite import (
     fold_attention_biases,
     prune_to_first_token,
 )
-from torch import nn
-
-import lora_ext
 
 SENTENCES = [
     "A gripping, beautifully shot film with a terrific lead performance.",
@@ -374,9 +375,9 @@ def test_fp16_int8_run_and_agree(clf, merged, encoded, tmp_path, kwargs, max_siz
 # -- int8: smoothing calibrated on real text, embeddings per column ------------------------
 @pytest.fixture(scope="module")
 def rt_texts():
-    """(64 training-split, 48 validation-split) Rotten Tomatoes snippets, lora_ext.train's
+    """(64 training-split, 48 validation-split) Rotten Tomatoes snippets, lora_ext.training.trainer's
     split: calibration never sees the sentences the int8 error is measured on."""
-    from lora_ext import data as D
+    from lora_ext.training import data as D
 
     split = D.split_dataset(D.load_rotten_tomatoes(), val_fraction=0.1, seed=0)
     return split.train.texts[:64], split.val.texts[:48]
@@ -528,9 +529,8 @@ def test_calibration_arguments_are_checked(minilm_classifier, tmp_path):
 
 
 def test_cli_calibration_comes_from_the_adapters_run(clf, tmp_path):
-    from lora_ext.export.cli import calibration_inputs
-
-    from lora_ext import data as D
+    from lora_ext.cli.export import calibration_inputs
+    from lora_ext.training import data as D
 
     _, tok, _ = clf
     adapter = tmp_path / "run" / "adapter"
@@ -815,7 +815,9 @@ def test_smollm2_full_causal_lm_export(smollm2, tmp_path):
 # -- CLI ---------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-ext")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_export_command(sub)
+    add_infer_command(sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""lora_ext.data: bundled corpora, user CSV/JSONL/text files, split, batching."""
+"""lora_ext.training.data: bundled corpora, user CSV/JSONL/text files, split, batching."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from lora_ext import data
-from lora_ext.data import DataError
+from lora_ext.training import data
+from lora_ext.training.data import DataError
 
 
 @pytest.fixture(scope="module")

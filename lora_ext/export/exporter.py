@@ -12,14 +12,14 @@ The path, in order (nothing is written at the target until every step has passed
    outputs). Merged BERT-family attention drops its key bias and folds its value bias
    into the output projection (exact). A classifier that reads token 0 only (BERT-family
    ForSequenceClassification) gets its last layer computed for that token alone
-   (export/rewrite.py; exact, checked);
+   (lora_ext/export/rewrite.py; exact, checked);
 4. check that every op the model runs has an ONNX form (one forward pass records the ops
    per module; an op from another library, e.g. a custom CUDA kernel, is named with its
    module);
 5. torch.onnx.export (the TorchScript exporter: dynamic batch/sequence axes through
    ``dynamic_axes``, plain MatMul/Gemm/LayerNormalization..., no onnxscript dependency);
    Reshape targets computed from Shape ops become constants where symbolic shapes allow
-   (export/graph_passes.py);
+   (lora_ext/export/graph_passes.py);
 6. optional operator fusion (``optimize="bert"``: onnxruntime's transformer optimizer fuses
    attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm into com.microsoft contrib ops), then
    optional fp16 conversion or int8 quantization (onnxruntime dynamic, per channel, with
@@ -48,6 +48,9 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+
+from lora_ext.config import Task
+from lora_ext.layer import LoraLinear
 
 from . import adapters as _adapters
 from . import graph_passes as _graph_passes
@@ -369,7 +372,7 @@ def _check_modules(model: nn.Module) -> None:
                 f"module {name!r} is a PEFT layer ({cls.__name__}); merge it with PEFT's "
                 "merge_and_unload() first, or load the adapter with lora_ext.load_adapter"
             )
-        if cls.__name__ == "LoraLinear" and cls.__module__ == "lora_ext.layer":
+        if isinstance(module, LoraLinear):
             raise UnsupportedModuleError(
                 f"module {name!r} is still a LoraLinear after merging; this is a bug"
             )
@@ -523,13 +526,13 @@ def export_onnx(
         calibration: int8 only: representative inputs, {name: tensor [batch, seq]} each
             with the example's names (e.g. a few hundred training sentences, tokenized one
             at a time). The activations they produce choose the per-channel smoothing that
-            keeps int8 close to fp32 (see export/quantize.py); None: plain dynamic
+            keeps int8 close to fp32 (see lora_ext/export/quantize.py); None: plain dynamic
             quantization, no smoothing (measurably less accurate on real models).
         task: recorded in the file's metadata for the runner ("seq-cls", "causal-lm");
             default from the model class.
         first_token_only: the last encoder layer of a classifier that reads token 0 only
             (BERT-family ForSequenceClassification) computes that token alone: ~1/L less
-            work for an L-layer encoder, same logits (export/rewrite.py; checked in PyTorch
+            work for an L-layer encoder, same logits (lora_ext/export/rewrite.py; checked in PyTorch
             before the export, then verified in onnxruntime as always). None (default):
             when the model qualifies; True: required (ValueError if it does not qualify);
             False: never (every position of every layer, as the model runs in PyTorch).
@@ -975,24 +978,20 @@ def _set_metadata(
 
     config = getattr(model, "config", None)
     if task is None:
-        cls = type(model).__name__
-        if cls.endswith("ForSequenceClassification"):
-            task = "seq-cls"
-        elif cls.endswith(("ForCausalLM", "LMHeadModel")):
-            task = "causal-lm"
+        task = Task.of_model(model)
     meta = {
         "lora_ext.version": lora_ext.__version__,
         "lora_ext.variant": variant,
         "lora_ext.lora": "hot-swap" if not merged else ("merged" if n_layers else "none"),
     }
     if task:
-        meta["lora_ext.task"] = task
+        meta["lora_ext.task"] = Task(task).value
     if optimize:
         meta["lora_ext.optimize"] = optimize
     if first_token_only:
         meta["lora_ext.first_token_only"] = "1"
     id2label = getattr(config, "id2label", None)
-    if task == "seq-cls" and id2label:
+    if task == Task.SEQ_CLS and id2label:
         meta["lora_ext.id2label"] = json.dumps({int(k): v for k, v in id2label.items()})
     if lora_names:
         meta["lora_ext.lora_inputs"] = json.dumps(lora_names)

@@ -1,8 +1,7 @@
-"""The ``export`` and ``infer`` subcommands of ``lora-ext`` (registered by lora_ext/cli.py).
+"""``lora-ext export``: load a model (+ a trained adapter), export it with lora_ext.export.
 
     lora-ext export --model minilm --adapter runs/rt/adapter --out model.onnx [--int8]
     lora-ext export --model smollm2 --out smollm2.onnx --task causal-lm
-    lora-ext infer --onnx model.onnx --tokenizer minilm "a gripping, beautifully shot film"
 
 Heavy modules (torch, transformers, onnx, onnxruntime) are imported when a command runs.
 """
@@ -15,7 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TASKS = ("seq-cls", "causal-lm")
+from lora_ext.cli import HelpFormatter
+from lora_ext.config import Task
+
+TASKS = tuple(t.value for t in Task)
 # example inputs for tracing and verification: two lengths, so padding is exercised
 EXAMPLE_TEXTS = (
     "A gripping, beautifully shot film with a terrific lead performance.",
@@ -23,11 +25,11 @@ EXAMPLE_TEXTS = (
 )
 
 
-def add_subcommands(subparsers: Any) -> None:
-    """Register ``export`` and ``infer`` on an argparse subparsers object; each parser sets
-    ``func`` to a callable(args) -> exit status."""
+def add_export_command(subparsers: Any) -> None:
+    """Register ``export`` on an argparse subparsers object (``func``: args -> exit status)."""
     exp = subparsers.add_parser(
         "export",
+        formatter_class=HelpFormatter,
         help="export a model (+ LoRA adapter) to ONNX, verified in onnxruntime",
         description=(
             "Merge the adapter into a copy of the model and write an ONNX file with dynamic "
@@ -94,24 +96,6 @@ def add_subcommands(subparsers: Any) -> None:
     exp.add_argument("--report", help="also write the report as JSON to this file")
     exp.set_defaults(func=run_export)
 
-    inf = subparsers.add_parser(
-        "infer",
-        help="run an exported ONNX model on text with onnxruntime",
-        description="Tokenize the texts, run the ONNX file, print labels or next tokens.",
-    )
-    inf.add_argument("--onnx", required=True, help="the .onnx (or .ort) file")
-    inf.add_argument(
-        "--tokenizer",
-        help="tokenizer dir, or minilm | smollm2 (default: the .onnx file's directory)",
-    )
-    inf.add_argument("--adapter", help=".onnx_adapter file for a --hot-swap export")
-    inf.add_argument(
-        "--generate", type=int, default=0, metavar="N", help="causal-lm: N greedy new tokens"
-    )
-    inf.add_argument("--cpu", action="store_true", help="CPU execution provider only")
-    inf.add_argument("texts", nargs="+", help="input text(s)")
-    inf.set_defaults(func=run_infer)
-
 
 # -- export ------------------------------------------------------------------------------
 def _task_of(model_name: str, kind: str, path: Path, task: str | None) -> str:
@@ -123,10 +107,10 @@ def _task_of(model_name: str, kind: str, path: Path, task: str | None) -> str:
         return "causal-lm"
     config = json.loads((path / "config.json").read_text())
     arch = " ".join(config.get("architectures") or [])
-    if "ForSequenceClassification" in arch:
-        return "seq-cls"
-    if "ForCausalLM" in arch or "LMHeadModel" in arch:
-        return "causal-lm"
+    for name in config.get("architectures") or []:
+        found = Task.from_architecture(name)
+        if found is not None:
+            return found
     raise ValueError(
         f"--task: cannot tell the task of {model_name!r} (architectures {arch or 'unknown'}); "
         f"pass --task {' or '.join(TASKS)}"
@@ -158,7 +142,7 @@ def load_for_export(
     model_name: str, adapter: str | None, task: str | None, num_labels: int | None
 ) -> tuple[Any, Any, str]:
     """(model in float32 eval mode with the adapter loaded, tokenizer, task)."""
-    from lora_ext import models
+    from lora_ext.training import models
 
     kind, path = models.resolve_model(model_name)
     task = _task_of(model_name, kind, path, task)
@@ -170,34 +154,22 @@ def load_for_export(
                 f"--adapter: {adapter!r} has no adapter_config.json (need a PEFT adapter dir)"
             )
     labels = _adapter_labels(adapter_dir) if task == "seq-cls" else None
-    n_labels = num_labels or (len(labels) if labels else 2)
     if labels and num_labels and num_labels != len(labels):
         raise ValueError(
             f"--num-labels: got {num_labels}, but the adapter's head has {len(labels)}"
         )
-    if kind == "minilm":
-        if task != "seq-cls":
-            raise ValueError(f"--task: minilm is exported as seq-cls, got {task!r}")
-        model, tokenizer = models.load_minilm_classifier(num_labels=n_labels)
-    elif kind == "smollm2":
-        if task != "causal-lm":
-            raise ValueError(f"--task: smollm2 is exported as causal-lm, got {task!r}")
-        model, tokenizer = models.load_smollm2()
-    else:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        auto = AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForCausalLM
-        # the head size: --num-labels, else the adapter's head, else the model dir's config
-        extra = {"num_labels": n_labels} if task == "seq-cls" and (num_labels or labels) else {}
-        model = auto.from_pretrained(path, dtype=torch.float32, **extra).eval()
-        tokenizer = models.load_tokenizer(path)
+    # the head size: --num-labels, else the adapter's head, else the model's own config
+    head_size = (num_labels or (len(labels) if labels else None)) if task == "seq-cls" else None
+    try:
+        model, tokenizer = models.load_model(model_name, task, num_labels=head_size)
+    except ValueError as exc:
+        raise ValueError(f"--task: {exc}") from None
     if adapter_dir is not None:
-        from lora_ext.train import load_trained_adapter  # LoRA tensors + the trained head
+        from lora_ext.training.trainer import (
+            load_trained_adapter,  # LoRA tensors + the trained head
+        )
 
         load_trained_adapter(model, adapter_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer, task
 
 
@@ -214,8 +186,7 @@ def calibration_inputs(
     quantize.CALIBRATION_SAMPLES). ``data`` None: the data of the ``lora-ext train`` run that
     wrote ``adapter`` (its run.json), else None."""
     from lora_ext.export.quantize import CALIBRATION_SAMPLES, calibration_runs
-
-    from lora_ext import data as D
+    from lora_ext.training import data as D
 
     if samples is None:
         samples = CALIBRATION_SAMPLES
@@ -249,8 +220,8 @@ def calibration_inputs(
 
 def run_export(args: argparse.Namespace) -> int:
     """``lora-ext export``: returns 0 on success, 1 on a failed export (message printed)."""
-    from ._io import check_output_path
-    from .exporter import DEFAULT_OPSET, VerificationError, export_onnx
+    from lora_ext.export._io import check_output_path
+    from lora_ext.export.exporter import DEFAULT_OPSET, VerificationError, export_onnx
 
     def say(msg: str) -> None:
         print(f"[export] {msg}", file=sys.stderr, flush=True)
@@ -298,73 +269,4 @@ def run_export(args: argparse.Namespace) -> int:
     print(report.table())
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    return 0
-
-
-# -- infer -------------------------------------------------------------------------------
-def _load_tokenizer(source: str | Path) -> Any:
-    """A bundled model's tokenizer, a model dir's, or a bare tokenizer dir's (the one
-    ``lora-ext export`` and ``lora-ext train --export`` save next to the .onnx file)."""
-    from lora_ext import models
-
-    path = Path(source)
-    if str(source) in models.BUNDLED or (path / "config.json").is_file():
-        return models.load_tokenizer(source)
-    if (path / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    raise ValueError(
-        f"--tokenizer: got {str(source)!r}, which is neither minilm / smollm2 nor a directory "
-        "with a tokenizer (tokenizer_config.json)"
-    )
-
-
-def run_infer(args: argparse.Namespace) -> int:
-    """``lora-ext infer``: prints one line per text; returns 0, or 1 on bad input."""
-    from .runner import OnnxRunner
-
-    try:
-        onnx_path = Path(args.onnx)
-        if not onnx_path.is_file():
-            raise FileNotFoundError(f"--onnx: {args.onnx!r} does not exist")
-        source = args.tokenizer
-        if source is None:
-            if not (onnx_path.parent / "tokenizer_config.json").is_file():
-                raise ValueError(
-                    f"--tokenizer: none given and {str(onnx_path.parent)!r} holds no tokenizer; "
-                    "pass a tokenizer dir or minilm / smollm2"
-                )
-            source = onnx_path.parent
-        tokenizer = _load_tokenizer(source)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        runner = OnnxRunner(
-            onnx_path,
-            tokenizer,
-            providers=["CPUExecutionProvider"] if args.cpu else None,
-            adapter=args.adapter,
-        )
-    except (ValueError, OSError) as exc:
-        print(f"lora-ext infer: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"[infer] {onnx_path.name} on {runner.providers[0]}", file=sys.stderr)
-    if args.generate:
-        for text in args.texts:
-            print(f"{text}{runner.generate(text, args.generate)}")
-        return 0
-    import numpy as np
-
-    out = runner(args.texts)
-    width = min(max(len(t) for t in args.texts), 60)
-    for i, text in enumerate(args.texts):
-        shown = text if len(text) <= width else text[: width - 3] + "..."
-        if out.logits.ndim == 2:
-            logits = out.logits[i].astype(np.float64)
-            probs = np.exp(logits - logits.max())
-            probs /= probs.sum()
-            print(f"{shown:<{width}}  {out.labels[i]!s:<10} p={probs.max():.3f}")
-        else:
-            token = tokenizer.decode([out.labels[i]])
-            print(f"{shown:<{width}}  next token: {token!r}")
     return 0

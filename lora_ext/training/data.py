@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from lora_ext import models
+from lora_ext.config import Task
+from lora_ext.training import models
 
 RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 RT_CLASSES = ("rotten", "fresh")  # label 0 = negative, 1 = positive
@@ -59,9 +60,9 @@ class TextDataset:
     classes: list[str] | None = None
 
     @property
-    def task(self) -> str:
-        """``"seq-cls"`` when labelled, else ``"causal-lm"``."""
-        return "seq-cls" if self.labels is not None else "causal-lm"
+    def task(self) -> Task:
+        """Task.SEQ_CLS when labelled, else Task.CAUSAL_LM."""
+        return Task.SEQ_CLS if self.labels is not None else Task.CAUSAL_LM
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -1,4 +1,4 @@
-"""lora_ext.train and the lora-ext CLI: end to end (train, resume, export, infer), exact
+"""lora_ext.training.trainer and the lora-ext CLI: end to end (train, resume, export, infer), exact
 resume, bad input refused before any training, Ctrl-C, and what trains.
 
 Runs are tiny (MiniLM on 64 Rotten Tomatoes snippets, a few steps of batch 4) so the module
@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_ext import cli
-from lora_ext import train as T
+from lora_ext.training import trainer as T
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -78,8 +78,8 @@ def test_only_lora_and_head_change(full_run):
     PEFT loads the same adapter (head included) to the same logits."""
     from peft import PeftModel
 
-    from lora_ext import data as D
-    from lora_ext import models
+    from lora_ext.training import data as D
+    from lora_ext.training import models
 
     cfg = T.TrainConfig(out="", max_train=64, max_val=16)
     split, _ = T.prepare_data(cfg)
@@ -89,7 +89,7 @@ def test_only_lora_and_head_change(full_run):
     result = T.evaluate(
         ours,
         enc,
-        T.Task("seq-cls", ["rotten", "fresh"], "classifier"),
+        T.TaskSpec("seq-cls", ["rotten", "fresh"], "classifier"),
         torch.device("cpu"),
         T.Dist(),
         64,
@@ -132,6 +132,7 @@ def test_export_and_infer(full_run, tmp_path, capsys):
     """--export wrote merged fp32/int8 files that agree with PyTorch; `lora-ext export`
     from the adapter gives the same fp32 graph outputs; `lora-ext infer` labels text."""
     import numpy as np
+
     from lora_ext.export import OnnxRunner
 
     onnx_dir = full_run / "onnx"
@@ -282,7 +283,17 @@ def test_ctrl_c_leaves_a_whole_resumable_checkpoint(tmp_path):
     """SIGINT mid-run: the run checkpoints the last whole step and exits 130; --resume
     continues from it."""
     out = tmp_path / "sig"
-    cmd = [sys.executable, "-m", "lora_ext.train", *TINY, "--steps", "500", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_ext.cli",
+        "train",
+        *TINY,
+        "--steps",
+        "500",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -329,7 +340,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     """A transformers model directory: a small random Llama with SmolLM2's real tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_ext import models
+    from lora_ext.training import models
 
     tok = models.load_tokenizer("smollm2")
     torch.manual_seed(0)
@@ -350,7 +361,7 @@ def test_causal_lm_from_a_model_directory(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import lora_ext
-    from lora_ext import data as D
+    from lora_ext.training import data as D
 
     rt = D.load_rotten_tomatoes()
     text = tmp_path / "reviews.txt"
@@ -394,7 +405,7 @@ def test_causal_lm_from_a_model_directory(tiny_llama_dir, tmp_path):
     split = D.split_dataset(D.load_text(text), 0.1, 0)
     enc = D.encode_causal_lm(split.val, AutoTokenizer.from_pretrained(tiny_llama_dir), 32)
     again = T.evaluate(
-        model, enc, T.Task("causal-lm", None, None), torch.device("cpu"), T.Dist(), 64, None
+        model, enc, T.TaskSpec("causal-lm", None, None), torch.device("cpu"), T.Dist(), 64, None
     )
     assert again["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
 

@@ -1,4 +1,4 @@
-"""Fine-tune a model with LoRA: ``python -m lora_ext.train`` / ``lora-ext train``, also under
+"""Fine-tune a model with LoRA: ``python -m lora_ext.cli train`` / ``lora-ext train``, also under
 ``torchrun`` (DistributedDataParallel).
 
     lora-ext train --model minilm --data rotten-tomatoes --r 8 --alpha 16 --dropout 0.05 \\
@@ -30,7 +30,7 @@ training on 1 or N processes); DDP all-reduces the gradients of the trainable te
 
 Several nodes: the same command on every node with torchrun's rendezvous, e.g.
 ``torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500
---rdzv-id=JOB -m lora_ext.train ...``; --out must be on a shared file system (rank 0 writes
+--rdzv-id=JOB -m lora_ext.cli train ...``; --out must be on a shared file system (rank 0 writes
 it, every rank reads it on --resume). Under torchrun spell the rank ``--rank`` (torchrun's own
 parser reads ``--r`` as an ambiguous abbreviation of its ``--rdzv-*`` flags). A base model
 too big for one GPU needs FSDP instead of DDP: shard the frozen base weights (FSDP2's
@@ -41,7 +41,6 @@ from a full state dict on rank 0; the op itself is unchanged, it sees the gather
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -62,7 +61,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_ext import data as D
+from lora_ext.config import Task
+from lora_ext.training import data as D
 
 CHECKPOINT_FORMAT = 1
 RUN_FILE = "run.json"
@@ -298,24 +298,24 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 @dataclass
-class Task:
-    kind: str  # "seq-cls" or "causal-lm"
+class TaskSpec:
+    kind: Task
     classes: list[str] | None
     head: str | None  # name of the classification head module (trained, saved with the adapter)
 
 
 def load_model(
     cfg: TrainConfig, task_kind: str, classes: list[str] | None
-) -> tuple[nn.Module, Any, Task]:
+) -> tuple[nn.Module, Any, TaskSpec]:
     """The base model for the task, in float32 on the CPU, and its tokenizer.
 
     minilm -> BertForSequenceClassification (fresh seeded head); smollm2 -> LlamaForCausalLM;
     a directory -> AutoModelForSequenceClassification or AutoModelForCausalLM by task.
     """
-    from lora_ext import models
+    from lora_ext.training import models
 
     try:
-        kind, path = models.resolve_model(cfg.model)
+        kind, _ = models.resolve_model(cfg.model)
     except (ValueError, FileNotFoundError) as e:
         raise TrainError(f"--model: {e}") from None
     if kind == "minilm" and task_kind != "seq-cls":
@@ -329,29 +329,9 @@ def load_model(
             "(give a plain .txt file)"
         )
     with quiet_transformers():
-        if kind == "minilm":
-            model, tokenizer = models.load_minilm_classifier(num_labels=len(classes), seed=cfg.seed)
-        elif kind == "smollm2":
-            model, tokenizer = models.load_smollm2()
-        else:
-            from transformers import (
-                AutoModelForCausalLM,
-                AutoModelForSequenceClassification,
-                AutoTokenizer,
-            )
-
-            torch.manual_seed(cfg.seed)  # the fresh head's init
-            if task_kind == "seq-cls":
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=len(classes), dtype=torch.float32
-                )
-            else:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # seq-cls heads of decoders need it
+        model, tokenizer = models.load_model(
+            cfg.model, task_kind, num_labels=len(classes) if classes else None, seed=cfg.seed
+        )
     head = None
     if task_kind == "seq-cls":
         model.config.id2label = dict(enumerate(classes))
@@ -369,7 +349,7 @@ def load_model(
         for attr in ("attention_dropout", "attention_probs_dropout_prob"):
             if hasattr(model.config, attr):
                 setattr(model.config, attr, cfg.model_dropout)
-    return model, tokenizer, Task(task_kind, classes, head)
+    return model, tokenizer, TaskSpec(Task(task_kind), classes, head)
 
 
 @contextlib.contextmanager
@@ -403,7 +383,7 @@ def resolve_targets(cfg: TrainConfig, model: nn.Module) -> list[str]:
     return DEFAULT_TARGETS[model_type]
 
 
-def add_lora(cfg: TrainConfig, model: nn.Module, task: Task) -> list[dict[str, Any]]:
+def add_lora(cfg: TrainConfig, model: nn.Module, task: TaskSpec) -> list[dict[str, Any]]:
     """Inject LoRA, make the head trainable, and return the optimizer parameter groups."""
     import lora_ext
 
@@ -458,7 +438,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 # -------------------------------------------------------------------------- adapter + head
 
 
-def save_trained_adapter(model: nn.Module, path: Path, task: Task) -> Path:
+def save_trained_adapter(model: nn.Module, path: Path, task: TaskSpec) -> Path:
     """Save the adapter in PEFT's format; for a classifier add the trained head as PEFT does
     for SEQ_CLS (``modules_to_save``). Written to a temporary directory, then renamed."""
     from safetensors.torch import load_file, save_file
@@ -675,7 +655,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def evaluate(
     model: nn.Module,
     enc: D.Encoded,
-    task: Task,
+    task: TaskSpec,
     device: torch.device,
     dist: Dist,
     batch_size: int,
@@ -739,7 +719,7 @@ def _autocast(device: torch.device, amp: torch.dtype | None):
 
 
 def compute_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], task: Task
+    model: nn.Module, batch: dict[str, torch.Tensor], task: TaskSpec
 ) -> tuple[torch.Tensor, int]:
     """Mean loss of a batch and the number of items it averages over (examples or tokens)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -1154,7 +1134,7 @@ def _progress(cfg: TrainConfig, dist: Dist, initial: int):
 
 
 def plot_loss(
-    history: list[dict[str, Any]], evals: list[dict[str, Any]], task: Task, path: Path
+    history: list[dict[str, Any]], evals: list[dict[str, Any]], task: TaskSpec, path: Path
 ) -> None:
     """Training loss per step (and its moving average), validation metric on a second axis."""
     import matplotlib
@@ -1201,7 +1181,7 @@ def export_run(
     out: Path,
     model: nn.Module,
     tokenizer: Any,
-    task: Task,
+    task: TaskSpec,
     val_enc: D.Encoded,
     calibration_texts: Sequence[str] = (),
     max_length: int = 128,
@@ -1260,177 +1240,11 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
-# ----------------------------------------------------------------------------------- CLI
-
-
-def _csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _optional_float(text: str) -> float | None:
-    return None if text.lower() in ("none", "off", "0") else float(text)
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``train`` flags (shared by ``python -m lora_ext.train`` and ``lora-ext train``)."""
-    d = TrainConfig(out="")
-    g = p.add_argument_group("model and data")
-    g.add_argument(
-        "--model", default=d.model, help="minilm, smollm2 or a transformers model directory"
-    )
-    g.add_argument(
-        "--data",
-        default=d.data,
-        help="rotten-tomatoes, bbc-news, a .csv/.jsonl (text+label) or a .txt file",
-    )
-    g.add_argument("--text-column", default=d.text_column)
-    g.add_argument("--label-column", default=d.label_column)
-    g.add_argument(
-        "--classes",
-        type=_csv_list,
-        default=None,
-        help="declared class names, comma-separated (label i = i-th)",
-    )
-    g.add_argument(
-        "--no-group-by-length",
-        dest="group_by_length",
-        action="store_false",
-        help="batches in plain random order (default: grouped by length, less padding)",
-    )
-    g.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    g.add_argument(
-        "--max-train", type=int, default=None, help="use only this many training examples"
-    )
-    g.add_argument(
-        "--max-val", type=int, default=None, help="evaluate on this many validation examples"
-    )
-    g.add_argument(
-        "--max-length",
-        type=int,
-        default=d.max_length,
-        help="tokens per example (block size for text)",
-    )
-    g = p.add_argument_group("LoRA")
-    # --rank: the spelling to use under torchrun, whose own parser takes "--r" for an
-    # ambiguous abbreviation of its --rdzv-* options
-    g.add_argument("--r", "--rank", dest="r", type=int, default=d.r, help="LoRA rank")
-    g.add_argument("--alpha", type=float, default=d.alpha)
-    g.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
-    g.add_argument(
-        "--targets",
-        type=_csv_list,
-        default=None,
-        help="layers to adapt, comma-separated (default: the attention projections)",
-    )
-    g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r)")
-    g.add_argument("--init", default=d.init, choices=["kaiming", "gaussian", "pissa"])
-    g.add_argument(
-        "--model-dropout", type=float, default=None, help="override the base model's own dropout"
-    )
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="global examples per micro-step (split across processes)",
-    )
-    g.add_argument(
-        "--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step"
-    )
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument(
-        "--head-lr",
-        type=float,
-        default=None,
-        help="learning rate of the classifier head (default --lr)",
-    )
-    g.add_argument(
-        "--loraplus-ratio",
-        type=float,
-        default=None,
-        help="LoRA+: B learns this many times faster than A",
-    )
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    g.add_argument(
-        "--max-grad-norm", type=_optional_float, default=d.max_grad_norm, help="clip (none: off)"
-    )
-    g.add_argument("--grad-checkpointing", action="store_true")
-    g.add_argument(
-        "--precision",
-        default=d.precision,
-        choices=["auto", "fp32", "bf16"],
-        help="auto: bf16 autocast on CUDA",
-    )
-    g.add_argument("--seed", type=int, default=d.seed)
-    g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="output directory")
-    g.add_argument("--eval-every", type=int, default=d.eval_every)
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    g.add_argument("--export", action="store_true", help="also write merged fp32 and int8 ONNX")
-    g.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
-    )
-    g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    g.add_argument(
-        "--stop-at",
-        type=int,
-        default=None,
-        help="stop after this step with a checkpoint (continue with --resume)",
-    )
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run ``train`` for parsed arguments; errors become a message and exit status 2
-    (bad input) or 130 (interrupted)."""
-    from lora_ext.data import DataError
-
-    try:
-        metrics = train(config_from_args(args))
-    except (TrainError, DataError) as e:
-        print(f"lora-ext train: error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
-        print(f"lora-ext train: {e}", file=sys.stderr)
-        return 130
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 1 if "export_error" in metrics else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lora_ext.train [flags]`` (also under torchrun)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lora_ext.train", description=__doc__.split("\n\n")[0]
-    )
-    add_train_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
 __all__ = [
     "Interrupted",
     "TrainConfig",
     "TrainError",
-    "add_train_arguments",
     "load_trained_adapter",
-    "main",
     "save_trained_adapter",
     "train",
 ]
-
-if __name__ == "__main__":
-    sys.exit(main())

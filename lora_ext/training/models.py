@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lora_ext.config import Task
+
 # Never reach for a hub: every model here is on disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -97,6 +99,58 @@ def load_smollm2() -> tuple[Any, Any]:
         path.parent, gguf_file=path.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model.eval(), tokenizer
+
+
+def natural_task(kind: str) -> Task | None:
+    """The task a bundled model is loaded for (None for a model directory)."""
+    return {"minilm": Task.SEQ_CLS, "smollm2": Task.CAUSAL_LM}.get(kind)
+
+
+def load_model(
+    name_or_dir: str | os.PathLike, task: Task | str, num_labels: int | None = None, seed: int = 0
+) -> tuple[Any, Any]:
+    """The one loader of a model by kind: a bundled name or a transformers model directory,
+    with the head ``task`` needs, in float32 and eval mode, and its tokenizer (with a pad
+    token: the eos token where it has none).
+
+    Args:
+        name_or_dir: "minilm", "smollm2" or a model directory.
+        task: Task.SEQ_CLS (a ``...ForSequenceClassification``; a fresh head seeded with
+            ``seed`` unless the directory's config has one of ``num_labels``) or
+            Task.CAUSAL_LM.
+        num_labels: head size for SEQ_CLS; None keeps the directory's (2 for minilm).
+
+    Raises:
+        ValueError: an unknown name, or a bundled model asked for another task.
+    """
+    import torch
+
+    task = Task(task)
+    kind, path = resolve_model(name_or_dir)
+    natural = natural_task(kind)
+    if natural is not None and natural != task:
+        raise ValueError(f"model: {kind} loads as {natural.value}, not {task.value}")
+    if kind == "minilm":
+        model, tokenizer = load_minilm_classifier(num_labels=num_labels or 2, seed=seed)
+    elif kind == "smollm2":
+        model, tokenizer = load_smollm2()
+    else:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        torch.manual_seed(seed)  # a fresh head's init
+        if task == Task.SEQ_CLS:
+            extra = {"num_labels": num_labels} if num_labels else {}
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.float32, **extra
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = load_tokenizer(path)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # seq-cls heads of decoders need it
     return model.eval(), tokenizer
 
 

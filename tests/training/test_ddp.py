@@ -45,7 +45,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("ddp")
     outs = {name: base / name for name in ("ddp", "single", "half", "ddp_accum", "single_accum")}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    train = ["-m", "lora_ext.train", *ARGS]
+    train = ["-m", "lora_ext.cli", "train", *ARGS]
     accum = ["--batch-size", "2", "--grad-accum", "2"]
     _run([*torchrun, *train, "--batch-size", "4", "--out", str(outs["ddp"])])
     _run([sys.executable, *train, "--batch-size", "4", "--out", str(outs["single"])])

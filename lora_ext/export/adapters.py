@@ -18,12 +18,13 @@ are stored in onnxruntime's adapter format (``.onnx_adapter``, written with
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from lora_ext.layer import LoraLinear
 
 from ._io import check_output_path, commit, staging_dir
 
@@ -36,34 +37,24 @@ def input_names(module_name: str) -> tuple[str, str]:
     return f"{module_name}.lora_A.weight", f"{module_name}.lora_B.weight"
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The lora_ext LoraLinear modules of ``model`` as (name, module), in module order.
-
-    lora_ext.layer is only imported if it already is: a model can only hold a LoraLinear
-    once that module is loaded, and plain models then export without the compiled op."""
-    layer_mod = sys.modules.get("lora_ext.layer")
-    if layer_mod is None:
-        return []
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, layer_mod.LoraLinear)]
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
+    """The LoraLinear modules of ``model`` as (name, module), in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
 
 
-def layer_tensors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A' [in, r], B' [r, out]) in float32 for one LoraLinear: its active, unmerged adapters
-    stacked along the rank with their scale folded into B' (several active adapters sum,
-    exactly as LoraLinear.forward computes them); rank 0 when none is pending."""
-    pending = [
-        n for n in layer.active_adapters if n in layer.lora_A and n not in layer.merged_adapters
-    ]
+def layer_tensors(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A' [in, r], B' [r, out]) in float32 for one LoraLinear: its pending adapters stacked
+    along the rank with their scale folded into B' (``LoraLinear.stack_adapters``, what its
+    forward computes); rank 0 when none is pending."""
+    pending = layer.pending_adapters()
     if not pending:
         return (
             torch.zeros(layer.in_features, 0, dtype=torch.float32),
             torch.zeros(0, layer.out_features, dtype=torch.float32),
         )
-    a = torch.cat([layer.lora_A[n].detach().float().cpu() for n in pending], dim=0)
-    b = torch.cat(
-        [layer.lora_B[n].detach().float().cpu() * layer.scaling[n] for n in pending], dim=1
-    )
-    return a.t().contiguous(), b.t().contiguous()
+    with torch.no_grad():
+        a, b = layer.stack_adapters(pending, dtype=torch.float32)
+    return a.t().contiguous().cpu(), b.t().contiguous().cpu()
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, np.ndarray]:

@@ -519,16 +519,3 @@ def test_build_info():
     assert info["version"] and isinstance(info["cuda"], bool)
     assert info["cuda"] == bool(info["cuda_archs"])
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
-
-
-def test_install_maps_the_top_level_export_folder_to_lora_ext_export():
-    """setup.py installs ./export as lora_ext.export (package_dir); the editable install too."""
-    from pathlib import Path
-
-    import lora_ext.export
-
-    assert Path(lora_ext.export.__file__).resolve().parent.name == "export"
-    assert (
-        Path(lora_ext.export.__file__).resolve().parent.parent
-        == Path(ops.__file__).resolve().parent.parent
-    )

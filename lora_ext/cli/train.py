@@ -1,0 +1,180 @@
+"""``lora-ext train``: the flags, and the call into :mod:`lora_ext.training.trainer`.
+
+    lora-ext train --model minilm --data rotten-tomatoes --r 8 --alpha 16 --dropout 0.05 \\
+                   --targets query,key,value --steps 300 --lr 1e-3 --batch-size 16 --out runs/rt
+
+Under torchrun: ``torchrun --nproc_per_node=2 -m lora_ext.cli train --rank 8 ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+import torch
+
+from lora_ext.cli import HelpFormatter
+from lora_ext.training.data import DataError
+from lora_ext.training.trainer import Interrupted, TrainConfig, TrainError, train
+
+
+def _csv_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() in ("none", "off", "0") else float(text)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``lora-ext train`` flags; defaults come from :class:`TrainConfig`."""
+    d = TrainConfig(out="")
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--model", default=d.model, help="minilm, smollm2 or a transformers model directory"
+    )
+    g.add_argument(
+        "--data",
+        default=d.data,
+        help="rotten-tomatoes, bbc-news, a .csv/.jsonl (text+label) or a .txt file",
+    )
+    g.add_argument("--text-column", default=d.text_column)
+    g.add_argument("--label-column", default=d.label_column)
+    g.add_argument(
+        "--classes",
+        type=_csv_list,
+        default=None,
+        help="declared class names, comma-separated (label i = i-th)",
+    )
+    g.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="batches in plain random order (default: grouped by length, less padding)",
+    )
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    g.add_argument(
+        "--max-train", type=int, default=None, help="use only this many training examples"
+    )
+    g.add_argument(
+        "--max-val", type=int, default=None, help="evaluate on this many validation examples"
+    )
+    g.add_argument(
+        "--max-length",
+        type=int,
+        default=d.max_length,
+        help="tokens per example (block size for text)",
+    )
+    g = p.add_argument_group("LoRA")
+    # --rank: the spelling to use under torchrun, whose own parser takes "--r" for an
+    # ambiguous abbreviation of its --rdzv-* options
+    g.add_argument("--r", "--rank", dest="r", type=int, default=d.r, help="LoRA rank")
+    g.add_argument("--alpha", type=float, default=d.alpha)
+    g.add_argument("--dropout", type=float, default=d.dropout, help="LoRA dropout")
+    g.add_argument(
+        "--targets",
+        type=_csv_list,
+        default=None,
+        help="layers to adapt, comma-separated (default: the attention projections)",
+    )
+    g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r)")
+    g.add_argument("--init", default=d.init, choices=["kaiming", "gaussian", "pissa"])
+    g.add_argument(
+        "--model-dropout", type=float, default=None, help="override the base model's own dropout"
+    )
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="global examples per micro-step (split across processes)",
+    )
+    g.add_argument(
+        "--grad-accum", type=int, default=d.grad_accum, help="micro-steps per optimizer step"
+    )
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument(
+        "--head-lr",
+        type=float,
+        default=None,
+        help="learning rate of the classifier head (default --lr)",
+    )
+    g.add_argument(
+        "--loraplus-ratio",
+        type=float,
+        default=None,
+        help="LoRA+: B learns this many times faster than A",
+    )
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    g.add_argument(
+        "--max-grad-norm", type=_optional_float, default=d.max_grad_norm, help="clip (none: off)"
+    )
+    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument(
+        "--precision",
+        default=d.precision,
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 autocast on CUDA",
+    )
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--eval-every", type=int, default=d.eval_every)
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    g.add_argument("--export", action="store_true", help="also write merged fp32 and int8 ONNX")
+    g.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    g.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this step with a checkpoint (continue with --resume)",
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run ``train`` for parsed arguments; errors become a message and exit status 2
+    (bad input) or 130 (interrupted)."""
+    try:
+        metrics = train(config_from_args(args))
+    except (TrainError, DataError) as e:
+        print(f"lora-ext train: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"lora-ext train: {e}", file=sys.stderr)
+        return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 1 if "export_error" in metrics else 0
+
+
+def add_train_command(subparsers: Any) -> None:
+    """Register ``train`` on an argparse subparsers object (``func``: args -> exit status)."""
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a model with LoRA (also under torchrun)",
+        description="Fine-tune a model with LoRA; see lora_ext/training/trainer.py for the "
+        "output layout.",
+        formatter_class=HelpFormatter,
+    )
+    add_train_arguments(parser)
+    parser.set_defaults(func=run_from_args)
