@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv build test demo bench gpu-check cuda-build lint format clean
+.PHONY: venv build test demo bench gpu-check gpu-check-dry cuda-build lint format clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ bench: build
 # On a machine with a GPU (and no network): build, CUDA tests, benchmarks, table last.
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# The same script on the CPU with tiny shapes (CI, every push): imports, files and flags of
+# gpu-check are exercised before a GPU machine ever runs it.
+gpu-check-dry: build
+	PYTHON=$(PY) GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh
 
 # Compile-only CUDA build (no GPU needed): a second venv with the CUDA build of torch.
 cuda-build:

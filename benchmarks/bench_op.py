@@ -15,6 +15,10 @@ bench_op_cuda_<gpu name>.json).
 
     python benchmarks/bench_op.py            # CPU float32 (and the GPU too, if there is one)
     python benchmarks/bench_op.py --quick    # fewer repeats, for a smoke run
+    python benchmarks/bench_op.py --device cpu --tiny --quick   # gpu-check's dry run (seconds)
+
+On a GPU every CUDA kernel variant (``ops.cuda_kernel_variants()``) is timed and the table
+says which wins. The table comes last, after a line '== table'.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # (tokens, in, out, r)
 CPU_SHAPES = [(2048, 1024, 1024, 16), (4096, 2048, 2048, 16)]
 GPU_SHAPES = [(8192, 4096, 4096, 16)]
+TINY_SHAPES = [(64, 48, 40, 4)]
 TARGETS = {  # upper bounds on ratios (ours / other) unless said otherwise
     "cpu": {"fwd_bwd_vs_frozen_p0": 1.10, "fwd_bwd_vs_frozen_p>0": 1.15, "saved_vs_peft_p0": 1.05,
             "merge_speedup_min": 1.5},
@@ -141,7 +146,7 @@ def _layers(d_in, d_out, r, p, dtype, device):
     return base, ours, peft
 
 
-def fwd_bwd(shape, p, dtype, device, repeats, warmup):
+def fwd_bwd(shape, p, dtype, device, repeats, warmup, kernels="simple"):
     n, d_in, d_out, r = shape
     base, ours, peft = _layers(d_in, d_out, r, p, dtype, device)
     x = torch.randn(n, d_in, device=device, dtype=dtype, requires_grad=True)
@@ -152,7 +157,8 @@ def fwd_bwd(shape, p, dtype, device, repeats, warmup):
             x.grad = None
             for prm in (ours.a, ours.b):
                 prm.grad = None
-            layer(x).backward(g)
+            with ops.cuda_kernels(kernels):
+                layer(x).backward(g)
 
         return run
 
@@ -162,7 +168,7 @@ def fwd_bwd(shape, p, dtype, device, repeats, warmup):
     raw: dict[str, list[float]] = {}
     t = bench(fns, device, repeats, warmup, raw)
     return {
-        "tokens": n, "in": d_in, "out": d_out, "r": r, "dropout": p,
+        "tokens": n, "in": d_in, "out": d_out, "r": r, "dropout": p, "kernels": kernels,
         "ms": {k: v * 1e3 for k, v in t.items()},
         "ours_vs_frozen": t["ours"] / t["frozen"],
         "ours_vs_frozen_paired": paired_ratio(raw, "ours", "frozen"),
@@ -239,6 +245,7 @@ def _gpu_alloc(fn, device) -> dict[str, int]:
 
 
 def merge(dtype, device, repeats, warmup, size=4096, r=16):
+    """merge_ against ``W.add_(s * B @ A)`` (bench_merge.py measures the bandwidth in depth)."""
     w = torch.randn(size, size, device=device, dtype=dtype)
     a = torch.randn(r, size, device=device, dtype=dtype) * 0.01
     b = torch.randn(size, r, device=device, dtype=dtype) * 0.01
@@ -280,10 +287,13 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-def run_device(device: torch.device, quick: bool, repeats: int | None = None) -> dict:
+def run_device(
+    device: torch.device, quick: bool, repeats: int | None = None, tiny: bool = False
+) -> dict:
     cpu = device.type == "cpu"
     dtype = torch.float32 if cpu else torch.bfloat16
-    shapes = CPU_SHAPES if cpu else GPU_SHAPES
+    shapes = TINY_SHAPES if tiny else (CPU_SHAPES if cpu else GPU_SHAPES)
+    variants = ["simple"] if cpu else ops.cuda_kernel_variants()
     drops = (0.0, 0.1) if cpu else (0.0, 0.05)
     default_repeats, warmup = (5, 1) if quick else ((25, 3) if cpu else (50, 10))
     repeats = repeats or default_repeats
@@ -301,10 +311,18 @@ def run_device(device: torch.device, quick: bool, repeats: int | None = None) ->
     }  # fmt: skip
     for shape in shapes:
         for p in drops:
-            out["fwd_bwd"].append(fwd_bwd(shape, p, dtype, device, repeats, warmup))
-            print(_fmt_fwd(out["fwd_bwd"][-1]), flush=True)
+            for kernels in variants:
+                out["fwd_bwd"].append(fwd_bwd(shape, p, dtype, device, repeats, warmup, kernels))
+                print(_fmt_fwd(out["fwd_bwd"][-1]), flush=True)
         out["saved_bytes"].append({"shape": list(shape), **saved_bytes(shape, dtype, device)})
-    out["merge"] = merge(dtype, device, repeats, warmup)
+    out["merge"] = merge(dtype, device, repeats, warmup, size=64 if tiny else 4096)
+    if len(variants) > 1:  # which CUDA kernels win, per case (ours' median time)
+        best: dict[str, tuple[float, str]] = {}
+        for row in out["fwd_bwd"]:
+            key = f"{row['tokens']}x{row['in']}x{row['out']} r{row['r']} p={row['dropout']}"
+            cand = (row["ms"]["ours"], row["kernels"])
+            best[key] = min(best.get(key, cand), cand)
+        out["fastest_kernels"] = {k: v[1] for k, v in best.items()}
     return out
 
 
@@ -338,6 +356,8 @@ def table(res: dict) -> str:
             need = tg["speedup_vs_peft_p>0_min"]
             verdict += f" peft/ours >= {need} {'ok' if vs_peft >= need else 'MISSED'}"
         case = f"fwd+bwd {row['tokens']}x{row['in']}x{row['out']} r{row['r']} p={p}"
+        if res["device_type"] == "cuda":
+            case += f" [{row.get('kernels', 'simple')}]"
         lines.append(
             f"{case:<44}{ms['frozen']:>7.2f}ms{ms['ours']:>7.2f}ms{ms['peft']:>7.2f}ms"
             f"{row['ours_vs_frozen']:>9.3f}x{row.get('ours_vs_frozen_paired', float('nan')):>8.3f}x"
@@ -372,6 +392,8 @@ def table(res: dict) -> str:
         need = tg["merge_bandwidth_frac_min"]
         line += f"; {100 * m['bandwidth_frac_of_copy']:.0f}% of copy bandwidth (>= {100 * need:.0f}% {'ok' if m['bandwidth_frac_of_copy'] >= need else 'MISSED'})"
     lines.append(line)
+    for case, kernels in res.get("fastest_kernels", {}).items():
+        lines.append(f"fastest CUDA kernels for {case}: {kernels}")
     return "\n".join(lines)
 
 
@@ -380,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                     help="all = the CPU, and the GPU when there is one")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="few repeats (smoke run)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (gpu-check's dry run)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON results")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=None,
@@ -397,17 +420,19 @@ def main(argv: list[str] | None = None) -> int:
     tables = []
     for device in devices:
         print(f"== {device_name(device)}", flush=True)
-        res = run_device(device, args.quick, args.repeats)
+        res = run_device(device, args.quick, args.repeats, args.tiny)
         args.out.mkdir(parents=True, exist_ok=True)
         if device.type == "cuda":  # the GPU named in the file: bench_op_cuda_nvidia_h100_....json
             tag = "_" + re.sub(r"[^a-z0-9]+", "_", device_name(device).lower()).strip("_")
         else:
             tag = f"_t{args.threads}" if args.threads else ""
-        path = args.out / f"bench_op_{device.type}{tag}{'_quick' if args.quick else ''}.json"
+        tag += "_tiny" if args.tiny else ("_quick" if args.quick else "")
+        path = args.out / f"bench_op_{device.type}{tag}.json"
         path.write_text(json.dumps(res, indent=2))
         print(f"wrote {path}")
         tables.append(table(res))
-    print("\n" + "\n\n".join(tables))
+    print("== table")
+    print("\n\n".join(tables))
     return 0
 
 

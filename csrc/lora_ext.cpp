@@ -12,10 +12,13 @@
 #include <cuda.h>  // CUDA_VERSION
 #endif
 
+#include <atomic>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "cpu/rank_update_cpu.h"
+#include "switches.h"
 
 #ifndef LORA_EXT_VERSION
 #define LORA_EXT_VERSION "unknown"
@@ -45,6 +48,22 @@ TORCH_LIBRARY(lora_ext, m) {
   m.def("dropout_mask(Tensor like, Tensor seed, float dropout_p, int offset=0) -> Tensor");
 }
 
+namespace lora_ext {
+namespace {
+std::atomic<bool>& fast_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* v = std::getenv("LORA_EXT_CUDA_KERNELS");
+    return v != nullptr && std::string(v) == "fast";
+  }()};
+  return flag;
+}
+}  // namespace
+
+bool cuda_fast_kernels() { return fast_flag().load(std::memory_order_relaxed); }
+bool set_cuda_fast_kernels(bool enabled) { return fast_flag().exchange(enabled); }
+
+}  // namespace lora_ext
+
 namespace {
 
 [[maybe_unused]] std::vector<std::string> split_archs(const std::string& s) {
@@ -69,6 +88,7 @@ pybind11::dict build_info() {
 #ifdef LORA_EXT_WITH_CUDA
   d["cuda"] = true;
   d["cuda_archs"] = split_archs(LORA_EXT_CUDA_ARCHS);
+  d["cuda_kernel_variants"] = std::vector<std::string>{"simple"};
 #ifdef CUDA_VERSION
   d["cuda_version"] =
       std::to_string(CUDA_VERSION / 1000) + "." + std::to_string((CUDA_VERSION % 1000) / 10);
@@ -78,6 +98,7 @@ pybind11::dict build_info() {
 #else
   d["cuda"] = false;
   d["cuda_archs"] = std::vector<std::string>{};
+  d["cuda_kernel_variants"] = std::vector<std::string>{};
   d["cuda_version"] = pybind11::none();
 #endif
 #ifdef _OPENMP
@@ -105,4 +126,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Use the AVX-512 rank-r kernel (True, the default where the CPU has AVX-512) or ATen's "
         "GEMM (False) for the float32 rank-r updates; returns the previous setting. For tests "
         "and benchmarks.");
+  m.def("_set_cuda_fast_kernels", &lora_ext::set_cuda_fast_kernels,
+        "Use the fast CUDA kernels (True) or the simple ones (False); returns the previous "
+        "setting. ops.cuda_kernels() is the public way.");
 }

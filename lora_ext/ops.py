@@ -13,7 +13,9 @@ a fresh seed per step instead of baking a Python int into the graph.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +23,8 @@ from torch import Tensor
 
 __all__ = [
     "build_info",
+    "cuda_kernel_variants",
+    "cuda_kernels",
     "dropout_mask",
     "load_library",
     "lora_linear",
@@ -72,6 +76,29 @@ def build_info() -> dict[str, Any]:
     from lora_ext import _C
 
     return dict(_C.build_info())
+
+
+def cuda_kernel_variants() -> list[str]:
+    """The CUDA kernel variants compiled in: ``["simple", "fast"]`` in a CUDA build, else
+    ``[]``. ``simple`` is the default; ``fast`` is the vectorised merge and the forward /
+    backward that never write drop(x) (``LORA_EXT_CUDA_KERNELS=fast`` makes it the default)."""
+    return list(build_info()["cuda_kernel_variants"])
+
+
+@contextlib.contextmanager
+def cuda_kernels(variant: str) -> Iterator[None]:
+    """Run the ops on the GPU with the ``"simple"`` or the ``"fast"`` CUDA kernels inside the
+    block (a process-wide switch; CPU kernels are not affected)."""
+    if variant not in ("simple", "fast"):
+        raise ValueError(f"variant must be 'simple' or 'fast', got {variant!r}")
+    load_library()
+    from lora_ext import _C
+
+    before = _C._set_cuda_fast_kernels(variant == "fast")
+    try:
+        yield
+    finally:
+        _C._set_cuda_fast_kernels(before)
 
 
 def make_seed(seed: int | Tensor | None = None) -> Tensor:

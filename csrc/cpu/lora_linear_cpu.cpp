@@ -294,8 +294,8 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
           for_each_run(drop.key, idx0, in,
                        [&](int64_t off, int64_t len, uint32_t lo, uint32_t khi) {
                          if (need_x && need_a) {
-                           scale_drop_run_f32(dxr + off, tr + off, xr + off, dr + off, len, k0,
-                                              khi, thr, lo, inv);
+                           scale_drop_run_f32(dxr + off, tr + off, xr + off, dr + off, len, k0, khi,
+                                              thr, lo, inv);
                          } else if (need_x) {
                            drop_run_f32(tr + off, dxr + off, len, k0, khi, thr, lo, inv);
                          } else {

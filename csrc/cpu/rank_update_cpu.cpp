@@ -29,15 +29,15 @@ constexpr int kVecs = 4;  // 4 x 16 floats = 64 output columns per tile
 // Rows [i, i + MR) x columns [j, j + 64) (masked at the right edge).
 template <int MR>
 __attribute__((target("avx512f"))) inline void tile(int64_t i, int64_t j, int64_t n, int64_t r,
-                                                     const float* a, int64_t lda, const float* b,
-                                                     int64_t ldb, const float* bias, float* y,
-                                                     int64_t ldy) {
+                                                    const float* a, int64_t lda, const float* b,
+                                                    int64_t ldb, const float* bias, float* y,
+                                                    int64_t ldy) {
   __mmask16 mask[kVecs];
 #pragma GCC unroll 4
   for (int v = 0; v < kVecs; ++v) {
     const int64_t left = std::clamp<int64_t>(n - j - 16 * v, 0, 16);
-    mask[v] = left == 16 ? static_cast<__mmask16>(0xFFFF)
-                         : static_cast<__mmask16>((1u << left) - 1u);
+    mask[v] =
+        left == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
   }
   __m512 acc[MR][kVecs];
 #pragma GCC unroll 4
@@ -50,7 +50,8 @@ __attribute__((target("avx512f"))) inline void tile(int64_t i, int64_t j, int64_
   for (int64_t k = 0; k < r; ++k) {
     __m512 bv[kVecs];
 #pragma GCC unroll 4
-    for (int v = 0; v < kVecs; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + k * ldb + j + 16 * v);
+    for (int v = 0; v < kVecs; ++v)
+      bv[v] = _mm512_maskz_loadu_ps(mask[v], b + k * ldb + j + 16 * v);
 #pragma GCC unroll 4
     for (int ii = 0; ii < MR; ++ii) {
       const __m512 av = _mm512_set1_ps(a[(i + ii) * lda + k]);
@@ -89,13 +90,12 @@ bool set_rank_update_kernel(bool enabled) {
   return g_enabled.exchange(enabled && cpu_has_avx512());
 }
 
-void rank_update_f32(int64_t m, int64_t n, int64_t r, const float* a, int64_t lda,
-                     const float* b, int64_t ldb, const float* bias, float* y, int64_t ldy) {
+void rank_update_f32(int64_t m, int64_t n, int64_t r, const float* a, int64_t lda, const float* b,
+                     int64_t ldb, const float* bias, float* y, int64_t ldy) {
 #ifdef LORA_HAVE_AVX512_KERNEL
   rank_update_avx512(m, n, r, a, lda, b, ldb, bias, y, ldy);
 #else
-  (void)m, (void)n, (void)r, (void)a, (void)lda, (void)b, (void)ldb, (void)bias, (void)y,
-      (void)ldy;
+  (void)m, (void)n, (void)r, (void)a, (void)lda, (void)b, (void)ldb, (void)bias, (void)y, (void)ldy;
 #endif
 }
 

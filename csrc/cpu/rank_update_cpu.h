@@ -18,8 +18,8 @@ bool set_rank_update_kernel(bool enabled);  // returns the previous setting
 
 // y[i, j] = (bias ? bias[j] : 0) + sum_k a[i * lda + k] * b[k * ldb + j], i < m, j < n, k < r.
 // Requires rank_update_kernel_enabled().
-void rank_update_f32(int64_t m, int64_t n, int64_t r, const float* a, int64_t lda,
-                     const float* b, int64_t ldb, const float* bias, float* y, int64_t ldy);
+void rank_update_f32(int64_t m, int64_t n, int64_t r, const float* a, int64_t lda, const float* b,
+                     int64_t ldb, const float* bias, float* y, int64_t ldy);
 
 }  // namespace cpu
 }  // namespace lora_ext

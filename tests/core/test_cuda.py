@@ -190,6 +190,10 @@ def test_merge_matches_float64_rounded_once(d_out, d_in, r, dtype, transposed):
         err, bound = ref.error_bound(
             w, ref.merge_naive(before, a.to(dtype), bb.to(dtype), 0.3), exact
         )
+        # float64: the "exact" value is itself a float64 computation, so allow the error of
+        # any float64 summation order (r products and one addition per element)
+        mag = (before.double().abs() + 0.3 * (bb.double().abs() @ a.double().abs())).max().item()
+        bound = max(bound, (r + 1) * torch.finfo(dtype).eps * mag)
         assert err <= bound  # fmt: skip
 
 
