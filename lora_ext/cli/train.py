@@ -17,7 +17,7 @@ import torch
 
 from lora_ext.cli import HelpFormatter
 from lora_ext.training.data import DataError
-from lora_ext.training.trainer import Interrupted, TrainConfig, TrainError, train
+from lora_ext.training.trainer import Diverged, Interrupted, TrainConfig, TrainError, train
 
 
 def _csv_list(text: str) -> list[str]:
@@ -152,7 +152,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``train`` for parsed arguments; errors become a message and exit status 2
-    (bad input) or 130 (interrupted)."""
+    (bad input), 3 (diverged) or 130 (interrupted)."""
     try:
         metrics = train(config_from_args(args))
     except (TrainError, DataError) as e:
@@ -161,6 +161,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     except Interrupted as e:
         print(f"lora-ext train: {e}", file=sys.stderr)
         return 130
+    except Diverged as e:
+        kept = f"the last good checkpoint is {e.checkpoint}" if e.checkpoint else "no checkpoint"
+        print(
+            f"lora-ext train: error: {e}; {kept}; no adapter was saved (lower --lr, or set "
+            "--max-grad-norm)",
+            file=sys.stderr,
+        )
+        return 3
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

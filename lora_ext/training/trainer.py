@@ -48,13 +48,11 @@ import json
 import math
 import os
 import platform
-import random
-import shutil
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,432 +61,32 @@ from torch import nn
 
 from lora_ext.config import Task
 from lora_ext.training import data as D
-
-CHECKPOINT_FORMAT = 1
-RUN_FILE = "run.json"
-OUR_ENTRIES = ("run.json", "adapter", "metrics.json", "loss.png", "checkpoints", "onnx")
-
-# Layers adapted when --targets is not given, by transformers model_type.
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "key", "value"],
-    "roberta": ["query", "key", "value"],
-    "distilbert": ["q_lin", "k_lin", "v_lin"],
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gpt2": ["c_attn"],
-}
-# Classification heads PEFT saves with a SEQ_CLS adapter (its modules_to_save default).
-HEAD_NAMES = ("classifier", "score")
-
-# Settings that steer a run without changing what it computes: they may differ between a
-# run and its --resume. Every other field must match.
-CONTROL_FIELDS = frozenset(
-    {
-        "out",
-        "resume",
-        "overwrite",
-        "export",
-        "stop_at",
-        "progress",
-        "eval_every",
-        "save_every",
-        "keep_checkpoints",
-        "device",
-        "threads",
-        "eval_batch_size",
-    }
+from lora_ext.training.checkpoints import (
+    CHECKPOINT_FORMAT,
+    _rng_state,
+    _set_rng_state,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
-
-
-class TrainError(ValueError):
-    """A bad argument or a state of --out that forbids training (raised before any step)."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on (saved in run.json; the CLI flags have the same names)."""
-
-    out: str
-    model: str = "minilm"
-    data: str = "rotten-tomatoes"
-    text_column: str = "text"
-    label_column: str = "label"
-    classes: list[str] | None = None
-    val_fraction: float = 0.1
-    max_train: int | None = None
-    max_val: int | None = None
-    max_length: int = 128
-    group_by_length: bool = True
-    # LoRA
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: list[str] | None = None
-    rslora: bool = False
-    init: str = "kaiming"
-    model_dropout: float | None = None
-    # optimisation
-    steps: int = 300
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 1e-3
-    head_lr: float | None = None
-    loraplus_ratio: float | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    grad_checkpointing: bool = False
-    precision: str = "auto"
-    seed: int = 0
-    # run control
-    eval_every: int = 100
-    eval_batch_size: int = 64
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    device: str = "auto"
-    threads: int | None = None
-    export: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    stop_at: int | None = None
-    progress: bool = True
-
-    def identity(self) -> dict[str, Any]:
-        """The fields that define what the run computes (compared on --resume)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in CONTROL_FIELDS}
-
-    def validate(self) -> None:
-        """Check every value; raise TrainError naming the flag, the value and the need."""
-
-        def need(cond: bool, flag: str, value: Any, what: str) -> None:
-            if not cond:
-                raise TrainError(f"--{flag.replace('_', '-')}: got {value!r}; need {what}")
-
-        positive_ints = ("r", "steps", "batch_size", "grad_accum", "max_length", "eval_every")
-        positive_ints += ("save_every", "keep_checkpoints", "eval_batch_size")
-        for name in positive_ints:
-            value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        for name in ("max_train", "max_val", "threads", "stop_at"):
-            value = getattr(self, name)
-            need(
-                value is None or (isinstance(value, int) and value >= 1),
-                name,
-                value,
-                "an integer >= 1",
-            )
-        need(self.alpha > 0, "alpha", self.alpha, "a positive number")
-        need(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a probability in [0, 1)")
-        md = self.model_dropout
-        need(md is None or 0.0 <= md < 1.0, "model_dropout", md, "a probability in [0, 1)")
-        need(0.0 < self.val_fraction < 1.0, "val_fraction", self.val_fraction, "a number in (0, 1)")
-        for name in ("lr", "head_lr", "loraplus_ratio"):
-            value = getattr(self, name)
-            need(
-                value is None or (math.isfinite(value) and value > 0),
-                name,
-                value,
-                "a positive number",
-            )
-        need(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
-        need(
-            0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio, "a number in [0, 1)"
-        )
-        need(
-            0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]"
-        )
-        mgn = self.max_grad_norm
-        need(mgn is None or mgn > 0, "max_grad_norm", mgn, "a positive number (or none)")
-        need(
-            self.precision in ("auto", "fp32", "bf16"),
-            "precision",
-            self.precision,
-            "auto, fp32 or bf16",
-        )
-        need(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            "device",
-            self.device,
-            "auto, cpu or cuda[:N]",
-        )
-        need(
-            self.init in ("kaiming", "gaussian", "pissa"),
-            "init",
-            self.init,
-            "kaiming, gaussian or pissa",
-        )
-        if self.targets is not None:
-            need(bool(self.targets) and all(self.targets), "targets", self.targets, "module names")
-        if self.resume and self.overwrite:
-            raise TrainError(
-                "--resume and --overwrite: got both; pass one (continue, or start over)"
-            )
-
-
-# ------------------------------------------------------------------------------ distributed
-
-
-@dataclass
-class Dist:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            torch.distributed.barrier()
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group torchrun describes (WORLD_SIZE/RANK/LOCAL_RANK), gloo on CPU,
-    nccl on CUDA; a plain single-process Dist otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    dist = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs: dict[str, Any] = {"backend": backend}
-        if device.type == "cuda":
-            kwargs["device_id"] = device
-        torch.distributed.init_process_group(**kwargs)
-    return dist
-
-
-def pick_device(cfg: TrainConfig, local_rank: int) -> torch.device:
-    """--device auto: the local rank's CUDA device when there is one, else the CPU."""
-    if cfg.device == "auto":
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)  # NCCL and all_gather_object use the current device
-            return device
-        return torch.device("cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device: got {cfg.device!r} but CUDA is not available here")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    return device
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default (fp32 master weights: the LoRA tensors stay fp32)."""
-    if cfg.precision == "fp32":
-        return None
-    if cfg.precision == "bf16" or device.type == "cuda":
-        return torch.bfloat16
-    return None
-
-
-# ------------------------------------------------------------------------------------ model
-
-
-@dataclass
-class TaskSpec:
-    kind: Task
-    classes: list[str] | None
-    head: str | None  # name of the classification head module (trained, saved with the adapter)
-
-
-def load_model(
-    cfg: TrainConfig, task_kind: str, classes: list[str] | None
-) -> tuple[nn.Module, Any, TaskSpec]:
-    """The base model for the task, in float32 on the CPU, and its tokenizer.
-
-    minilm -> BertForSequenceClassification (fresh seeded head); smollm2 -> LlamaForCausalLM;
-    a directory -> AutoModelForSequenceClassification or AutoModelForCausalLM by task.
-    """
-    from lora_ext.training import models
-
-    try:
-        kind, _ = models.resolve_model(cfg.model)
-    except (ValueError, FileNotFoundError) as e:
-        raise TrainError(f"--model: {e}") from None
-    if kind == "minilm" and task_kind != "seq-cls":
-        raise TrainError(
-            f"--model minilm is a sequence classifier; --data {cfg.data!r} is plain text "
-            "(give a labelled CSV/JSONL or a bundled data set)"
-        )
-    if kind == "smollm2" and task_kind != "causal-lm":
-        raise TrainError(
-            f"--model smollm2 trains as a causal LM; --data {cfg.data!r} is labelled "
-            "(give a plain .txt file)"
-        )
-    with quiet_transformers():
-        model, tokenizer = models.load_model(
-            cfg.model, task_kind, num_labels=len(classes) if classes else None, seed=cfg.seed
-        )
-    head = None
-    if task_kind == "seq-cls":
-        model.config.id2label = dict(enumerate(classes))
-        model.config.label2id = {c: i for i, c in enumerate(classes)}
-        head = next((h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)), None)
-        if head is None:
-            raise TrainError(
-                f"--model: {type(model).__name__} has no classification head named {HEAD_NAMES}"
-            )
-    if cfg.model_dropout is not None:
-        # The base model's own dropout (e.g. BERT's hidden_dropout_prob), not LoRA's.
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                module.p = cfg.model_dropout
-        for attr in ("attention_dropout", "attention_probs_dropout_prob"):
-            if hasattr(model.config, attr):
-                setattr(model.config, attr, cfg.model_dropout)
-    return model, tokenizer, TaskSpec(Task(task_kind), classes, head)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """Hide transformers' load report: a fresh classification head is expected to be
-    "MISSING" from the checkpoint, which is the point of training it."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars: ours is the training bar
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def resolve_targets(cfg: TrainConfig, model: nn.Module) -> list[str]:
-    """--targets, or the usual attention projections of the model type."""
-    if cfg.targets:
-        return list(cfg.targets)
-    model_type = getattr(model.config, "model_type", "")
-    if model_type not in DEFAULT_TARGETS:
-        raise TrainError(
-            f"--targets: not given, and there is no default for model_type {model_type!r}; "
-            f"name the layers to adapt, e.g. --targets q_proj,v_proj"
-        )
-    return DEFAULT_TARGETS[model_type]
-
-
-def add_lora(cfg: TrainConfig, model: nn.Module, task: TaskSpec) -> list[dict[str, Any]]:
-    """Inject LoRA, make the head trainable, and return the optimizer parameter groups."""
-    import lora_ext
-
-    lcfg = lora_ext.LoraConfig(
-        r=cfg.r,
-        alpha=cfg.alpha,
-        dropout=cfg.dropout,
-        target_modules=resolve_targets(cfg, model),
-        use_rslora=cfg.rslora,
-        init=cfg.init,
-    )
-    torch.manual_seed(cfg.seed + 1)  # LoRA A init: the same on every rank and every resume
-    try:
-        lora_ext.inject_(model, lcfg)
-    except (ValueError, TypeError) as e:
-        raise TrainError(f"--targets: {e}") from None
-    # Groups are read before the head is unfrozen: lora_ext counts every trainable tensor
-    # that is not a LoRA matrix as a bias.
-    if cfg.loraplus_ratio is not None:
-        groups = lora_ext.lora_param_groups(
-            model, cfg.lr, lr_ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay
-        )
-    else:
-        groups = [
-            {
-                "name": "lora",
-                "params": lora_ext.lora_parameters(model),
-                "lr": cfg.lr,
-                "weight_decay": cfg.weight_decay,
-            }
-        ]
-    if task.head is not None:
-        head_params = list(getattr(model, task.head).parameters())
-        for p in head_params:
-            p.requires_grad_(True)
-        groups.append(
-            {
-                "name": "head",
-                "params": head_params,
-                "lr": cfg.head_lr or cfg.lr,
-                "weight_decay": cfg.weight_decay,
-            }
-        )
-    return groups
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: tensor} of every trainable parameter (what a checkpoint keeps)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-# -------------------------------------------------------------------------- adapter + head
-
-
-def save_trained_adapter(model: nn.Module, path: Path, task: TaskSpec) -> Path:
-    """Save the adapter in PEFT's format; for a classifier add the trained head as PEFT does
-    for SEQ_CLS (``modules_to_save``). Written to a temporary directory, then renamed."""
-    from safetensors.torch import load_file, save_file
-
-    import lora_ext
-
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    lora_ext.save_adapter(model, tmp)
-    if task.head is not None:
-        weights = tmp / "adapter_model.safetensors"
-        tensors = load_file(str(weights))
-        head = getattr(model, task.head)
-        for name, p in head.named_parameters():
-            tensors[f"base_model.model.{task.head}.{name}"] = p.detach().to("cpu").contiguous()
-        save_file(tensors, str(weights), metadata={"format": "pt"})
-        config_path = tmp / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config["modules_to_save"] = [task.head]
-        config["task_type"] = "SEQ_CLS"
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (tmp / "lora_ext_task.json").write_text(
-        json.dumps({"task": task.kind, "classes": task.classes, "head": task.head}, indent=2) + "\n"
-    )
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
-
-
-def load_trained_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load an adapter saved by :func:`save_trained_adapter` (or by PEFT for SEQ_CLS) into a
-    base model: ``lora_ext.load_adapter`` reads the LoRA tensors and the head (PEFT's
-    ``modules_to_save``), all checked before the model changes; the class names of
-    ``lora_ext_task.json``, when present, become the model's id2label / label2id."""
-    import lora_ext
-
-    path = Path(path)
-    lora_ext.load_adapter(model, path)
-    task_file = path / "lora_ext_task.json"
-    if task_file.is_file() and hasattr(model, "config"):
-        classes = json.loads(task_file.read_text()).get("classes")
-        if classes:  # label names travel into exported files and the runner's output
-            model.config.id2label = dict(enumerate(classes))
-            model.config.label2id = {c: i for i, c in enumerate(classes)}
-    return model
-
-
-# ------------------------------------------------------------------------------ schedule
+from lora_ext.training.config import TrainConfig, TrainError
+from lora_ext.training.distributed import (
+    Dist,
+    _autocast,
+    autocast_dtype,
+    init_distributed,
+    pick_device,
+)
+from lora_ext.training.heads import (
+    TaskSpec,
+    add_lora,
+    load_model,
+    load_trained_adapter,
+    quiet_transformers,
+    save_trained_adapter,
+)
+from lora_ext.training.plots import plot_loss
+from lora_ext.training.run_dir import RUN_FILE, check_out_dir, clear_out_dir, write_json_atomic
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -502,153 +100,6 @@ def lr_lambda(cfg: TrainConfig):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-# -------------------------------------------------------------------------- out directory
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def check_out_dir(cfg: TrainConfig) -> str:
-    """Decide what to do with --out before any work: "fresh", "resume" or "overwrite".
-
-    Refuses an --out that holds a different run (or files that are not a run) unless
-    --overwrite, and a run with the same config unless --resume or --overwrite.
-    """
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out: {str(out)!r} exists and is not a directory")
-    run_file = out / RUN_FILE
-    if run_file.is_file():
-        try:
-            old = json.loads(run_file.read_text())["config"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise TrainError(f"--out: {run_file} is unreadable ({e}); use --overwrite") from None
-        old_identity = {k: v for k, v in old.items() if k not in CONTROL_FIELDS}
-        diffs = _differences(old_identity, cfg.identity())
-        if cfg.overwrite:
-            return "overwrite"
-        if cfg.resume:
-            if diffs:
-                raise TrainError(
-                    f"--resume: {out} holds a run with a different configuration ("
-                    + "; ".join(diffs)
-                    + "); resume with the same settings, or pass --overwrite to start over"
-                )
-            return "resume"
-        what = (
-            "a different run (" + "; ".join(diffs) + ")"
-            if diffs
-            else "a run with this configuration"
-        )
-        raise TrainError(
-            f"--out: {out} already holds {what}; pass --resume to continue it or "
-            f"--overwrite to replace it"
-        )
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise TrainError(
-            f"--out: {out} is not empty and holds no lora-ext run; choose an empty directory "
-            f"or pass --overwrite (only lora-ext's own files would be replaced)"
-        )
-    return "overwrite" if cfg.overwrite else "fresh"
-
-
-def clear_out_dir(out: Path) -> None:
-    """Remove lora-ext's own entries from --out (other files are left alone)."""
-    for name in OUR_ENTRIES:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``step-NNNNNNN/state.pt`` atomically (temporary directory, fsync, rename), then
-    point ``latest`` at it and delete all but the ``keep`` newest. An interruption at any
-    moment leaves the previous checkpoint whole."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"step-{step:07d}"
-    tmp = ckpt_dir / f".tmp-step-{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = ckpt_dir / ".latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, ckpt_dir / "latest")
-    _fsync_dir(ckpt_dir)
-    for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_dir.glob(".tmp-step-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
-
-
-def find_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest whole checkpoint: the one ``latest`` names, else the highest step-*."""
-    latest = ckpt_dir / "latest"
-    if latest.is_file():
-        candidate = ckpt_dir / latest.read_text().strip() / "state.pt"
-        if candidate.is_file():
-            return candidate
-    found = sorted(ckpt_dir.glob("step-*/state.pt"))
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only: tensors, numbers, strings and containers only; nothing is unpickled
-    # into code.
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(
-            f"--resume: {path} has format {state.get('format')}, need {CHECKPOINT_FORMAT}"
-        )
-    return state
-
-
-# ---------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
@@ -712,12 +163,6 @@ def evaluate(
     return result
 
 
-def _autocast(device: torch.device, amp: torch.dtype | None):
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp)
-
-
 def compute_loss(
     model: nn.Module, batch: dict[str, torch.Tensor], task: TaskSpec
 ) -> tuple[torch.Tensor, int]:
@@ -730,9 +175,6 @@ def compute_loss(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
     )
     return loss, int((labels != -100).sum())
-
-
-# ------------------------------------------------------------------------------ the run
 
 
 class _StopFlag:
@@ -768,6 +210,17 @@ class Interrupted(Exception):
         )
         self.step = step
         self.checkpoint = checkpoint
+
+
+class Diverged(Exception):
+    """Training produced a non-finite loss, gradient or update: the run stops there, with
+    the last checkpoint (written before that step) kept as the last good state."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"diverged at step {step}: {what}")
+        self.step = step
+        self.what = what
+        self.checkpoint: Path | None = None
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[D.Split, str]:
@@ -806,13 +259,106 @@ def _versions() -> dict[str, str]:
     }
 
 
+@dataclass
+class Run:
+    """The state of one training run, passed through the stages of :func:`train`."""
+
+    cfg: TrainConfig
+    dist: Dist
+    device: torch.device
+    amp: torch.dtype | None
+    out: Path
+    mode: str  # "fresh", "resume" or "overwrite" (check_out_dir)
+    split: D.Split
+    model: nn.Module
+    tokenizer: Any
+    task: TaskSpec
+    train_enc: D.Encoded
+    val_enc: D.Encoded
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ddp_model: nn.Module
+    run_info: dict[str, Any]
+    lengths: list[int] | None
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    train_time: float = 0.0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def stop_at(self) -> int:
+        return min(self.cfg.stop_at or self.cfg.steps, self.cfg.steps)
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the final metrics dict.
+
+    Stages: :func:`set_up` (check everything, load data and model, build the optimizer),
+    :func:`resume` (restore the last checkpoint), :func:`start_run_dir`, then
+    :func:`train_step` until the last step, and :func:`finish` (evaluate, save, export).
 
     Raises:
         TrainError / DataError: bad arguments, data or --out, before any training step.
         Interrupted: SIGINT/SIGTERM arrived; a checkpoint of the last whole step was written.
+        Diverged: a non-finite loss, gradient or update; nothing of that step is saved.
     """
+    run = set_up(cfg)
+    resume(run)
+    start_run_dir(run)
+    progress = _progress(cfg, run.dist, run.step)
+    with _StopFlag() as stop:
+        while run.step < run.stop_at:
+            try:
+                record, interrupted = train_step(run, stop.set)
+            except Diverged as exc:
+                progress.close()
+                exc.checkpoint = find_checkpoint(run.ckpt_dir) if run.dist.is_main else None
+                _set_status(run, str(exc))
+                raise
+            progress.update(1)
+            progress.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens'] / record['time_s']:.0f}",
+            )
+            if run.step % cfg.eval_every == 0 and run.step < cfg.steps:
+                result = evaluate(
+                    run.model, run.val_enc, run.task, run.device, run.dist,
+                    cfg.eval_batch_size, run.amp,
+                )  # fmt: skip
+                run.evals.append({"step": run.step} | result)
+                if run.dist.is_main:
+                    progress.write(_format_eval(run.step, result))
+            if run.step % cfg.save_every == 0 or run.step == run.stop_at or interrupted:
+                write_checkpoint(run)
+            if interrupted:
+                progress.close()
+                path = find_checkpoint(run.ckpt_dir) if run.dist.is_main else None
+                _set_status(run, f"interrupted at step {run.step}")
+                raise Interrupted(run.step, path)
+    progress.close()
+    if run.step < cfg.steps:  # --stop-at: a checkpoint was written; --resume continues
+        _set_status(run, f"stopped at step {run.step} (--stop-at)")
+        if run.dist.is_main:
+            print(
+                f"stopped after step {run.step} of {cfg.steps}; continue with --resume",
+                file=sys.stderr,
+            )
+        return {"step": run.step, "status": "stopped"}
+    return finish(run)
+
+
+def set_up(cfg: TrainConfig) -> Run:
+    """Check the arguments, the data and --out, then load the model, inject LoRA and build
+    the optimizer, scheduler and (under torchrun) the DDP wrapper. Nothing is written."""
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -826,59 +372,105 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"divide evenly among {dist.world_size} processes"
         )
     amp = autocast_dtype(cfg, device)
-    out = Path(cfg.out)
-
     model, tokenizer, task = load_model(cfg, task_kind, split.train.classes)
     groups = add_lora(cfg, model, task)
-    if task.kind == "seq-cls":
-        train_enc = D.encode_classification(split.train, tokenizer, cfg.max_length)
-        val_enc = D.encode_classification(split.val, tokenizer, cfg.max_length)
-    else:
-        train_enc = D.encode_causal_lm(split.train, tokenizer, cfg.max_length)
-        val_enc = D.encode_causal_lm(split.val, tokenizer, cfg.max_length)
+    train_enc, val_enc = _encode(cfg, split, tokenizer, task)
     if len(train_enc) < cfg.batch_size:
         raise TrainError(
             f"--batch-size: got {cfg.batch_size}, more than the {len(train_enc)} training "
-            f"{'examples' if task.kind == 'seq-cls' else 'blocks'}"
+            f"{'examples' if task.kind == Task.SEQ_CLS else 'blocks'}"
         )
     if cfg.grad_checkpointing:
-        # Non-reentrant checkpointing: works with frozen inputs, and it stashes and restores
-        # the RNG state, so the op's seeded dropout draws the same mask when recomputing.
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+        _enable_grad_checkpointing(model)
     model.to(device)
     model.train()
-    names = {id(p): n for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(
         [{k: v for k, v in g.items() if k != "name"} | {"name": g["name"]} for g in groups],
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # Length-grouped batches pad less (classification; causal-LM blocks are all full).
+    lengths = (
+        [len(x) for x in train_enc.input_ids]
+        if cfg.group_by_length and task.kind == Task.SEQ_CLS
+        else None
+    )
+    return Run(
+        cfg=cfg,
+        dist=dist,
+        device=device,
+        amp=amp,
+        out=Path(cfg.out),
+        mode=mode,
+        split=split,
+        model=model,
+        tokenizer=tokenizer,
+        task=task,
+        train_enc=train_enc,
+        val_enc=val_enc,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        ddp_model=_wrap_ddp(model, dist, device),
+        run_info=_run_info(cfg, split, model, task, dist, device, amp),
+        lengths=lengths,
+    )
 
-    ddp_model: nn.Module = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # Only trainable tensors are synchronised: frozen ones are excluded from the initial
-        # broadcast too (every rank loaded the same base weights from disk).
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-        frozen += [n for n, _ in model.named_buffers()]
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        ddp_model = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+def _encode(
+    cfg: TrainConfig, split: D.Split, tokenizer: Any, task: TaskSpec
+) -> tuple[D.Encoded, D.Encoded]:
+    """(train, validation) token ids: one example per row (classifier) or full blocks of
+    --max-length tokens (causal LM)."""
+    if task.kind == Task.SEQ_CLS:
+        encode = D.encode_classification
+    else:
+        encode = D.encode_causal_lm
+    return encode(split.train, tokenizer, cfg.max_length), encode(
+        split.val, tokenizer, cfg.max_length
+    )
 
-    identity = cfg.identity()
-    run_info = {
+
+def _enable_grad_checkpointing(model: nn.Module) -> None:
+    # Non-reentrant checkpointing: works with frozen inputs, and it stashes and restores the
+    # RNG state, so the op's seeded dropout draws the same mask when recomputing.
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _wrap_ddp(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
+    """DDP over the trainable tensors only (single process: the model itself)."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # Only trainable tensors are synchronised: frozen ones are excluded from the initial
+    # broadcast too (every rank loaded the same base weights from disk).
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    frozen += [n for n, _ in model.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+    )
+
+
+def _run_info(
+    cfg: TrainConfig,
+    split: D.Split,
+    model: nn.Module,
+    task: TaskSpec,
+    dist: Dist,
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> dict[str, Any]:
+    """What run.json records (the config digest and data fingerprint tie checkpoints to it)."""
+    return {
         "config": dataclasses.asdict(cfg),
-        "config_digest": _config_digest(identity),
+        "config_digest": _config_digest(cfg.identity()),
         "task": task.kind,
         "classes": task.classes,
         "head": task.head,
@@ -890,220 +482,233 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
         "versions": _versions(),
         "status": "running",
+        "adapted_layers": sum(1 for n, _ in model.named_parameters() if ".lora_A." in n),
+        "data_fingerprint": _fingerprint(split),
     }
-    run_info["adapted_layers"] = sum(1 for n, _ in model.named_parameters() if ".lora_A." in n)
-    run_info["data_fingerprint"] = _fingerprint(split)
 
-    start_step = 0
-    history: list[dict[str, Any]] = []
-    evals: list[dict[str, Any]] = []
-    ckpt_dir = out / "checkpoints"
-    if mode == "resume":
-        path = find_checkpoint(ckpt_dir)
-        if path is None:
-            if dist.is_main:
-                print(
-                    f"--resume: no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr
-                )
-        else:
-            state = load_checkpoint(path)
-            if state["config_digest"] != run_info["config_digest"]:
-                raise TrainError(f"--resume: {path} belongs to another configuration")
-            if state.get("data_fingerprint") != run_info["data_fingerprint"]:
-                raise TrainError(
-                    f"--resume: the data of {cfg.data!r} differ from those {path} was trained "
-                    "on (the file changed?); resuming would not continue the same run"
-                )
-            if state["world_size"] != dist.world_size:
-                raise TrainError(
-                    f"--resume: {path} was written by {state['world_size']} processes, this run "
-                    f"has {dist.world_size} (the per-rank RNG states would not line up)"
-                )
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, tensor in state["trainable"].items():
-                    params[name].copy_(tensor)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            _set_rng_state(state["rng"][dist.rank])
-            start_step = state["step"]
-            history, evals = state["history"], state["evals"]
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if mode == "overwrite":
-            clear_out_dir(out)
-        write_json_atomic(out / RUN_FILE, run_info)
-    dist.barrier()
-    if mode != "resume" or start_step == 0:
-        torch.manual_seed(cfg.seed * 7919 + 17 + dist.rank)  # dropout streams, per rank
 
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    # Length-grouped batches pad less (classification; causal-LM blocks are all full).
-    lengths = (
-        [len(x) for x in train_enc.input_ids]
-        if cfg.group_by_length and task.kind == "seq-cls"
-        else None
-    )
-
-    def checkpoint_state(step: int) -> dict[str, Any]:
-        rngs = [None] * dist.world_size
-        if dist.enabled:
-            torch.distributed.all_gather_object(rngs, _rng_state())
-        else:
-            rngs = [_rng_state()]
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "config_digest": run_info["config_digest"],
-            "data_fingerprint": run_info["data_fingerprint"],
-            "world_size": dist.world_size,
-            "trainable": {names[id(p)]: p.detach().cpu().clone() for p in trainable},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rngs,
-            "history": history,
-            "evals": evals,
-            # the data order is a function of these (and of the example lengths when
-            # grouping): micro-batch k of the run is global_batch_indices(n_train,
-            # batch_size, seed, k, lengths)
-            "data": {
-                "seed": cfg.seed,
-                "n_train": len(train_enc),
-                "next_micro_batch": step * cfg.grad_accum,
-            },
-        }
-
-    def write_checkpoint(step: int) -> Path | None:
-        state = checkpoint_state(step)  # collective: every rank takes part
-        path = None
-        if dist.is_main:
-            path = save_checkpoint(ckpt_dir, step, state, cfg.keep_checkpoints)
-        dist.barrier()
-        return path
-
-    stop_at = min(cfg.stop_at or cfg.steps, cfg.steps)
-    progress = _progress(cfg, dist, start_step)
-    train_time = sum(h.get("time_s", 0.0) for h in history)
-    step = start_step
-    with _StopFlag() as stop:
-        while step < stop_at:
-            t0 = time.perf_counter()
-            loss_sum = 0.0
-            tokens = 0
-            for micro in range(cfg.grad_accum):
-                index = step * cfg.grad_accum + micro
-                global_idx = D.global_batch_indices(
-                    len(train_enc), cfg.batch_size, cfg.seed, index, lengths
-                )
-                batch = D.collate(train_enc, D.shard(global_idx, dist.rank, dist.world_size))
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                sync = micro == cfg.grad_accum - 1 or not dist.enabled
-                ctx = contextlib.nullcontext() if sync else ddp_model.no_sync()
-                with ctx:
-                    with _autocast(device, amp):
-                        loss, _ = compute_loss(ddp_model, batch, task)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float().item()
-                tokens += int(batch["attention_mask"].sum())
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            # one small all-reduce per step: the global loss, tokens and the stop flag
-            stats = torch.tensor(
-                [loss_sum / cfg.grad_accum, tokens, float(stop.set)], dtype=torch.float64
-            )
-            if dist.enabled:
-                stats = stats.to(device)
-                torch.distributed.all_reduce(stats)
-                stats = stats.cpu()
-                stats[0] /= dist.world_size
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            record = {
-                "step": step,
-                "loss": stats[0].item(),
-                "lr": lr,
-                "tokens": int(stats[1]),
-                "time_s": dt,
-            }
-            history.append(record)
-            progress.update(1)
-            progress.set_postfix(
-                loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens'] / dt:.0f}"
-            )
-            if step % cfg.eval_every == 0 and step < cfg.steps:
-                result = evaluate(model, val_enc, task, device, dist, cfg.eval_batch_size, amp)
-                evals.append({"step": step} | result)
-                if dist.is_main:
-                    progress.write(_format_eval(step, result))
-            interrupted = stats[2].item() > 0
-            if step % cfg.save_every == 0 or step == stop_at or interrupted:
-                write_checkpoint(step)
-            if interrupted:
-                progress.close()
-                path = find_checkpoint(ckpt_dir) if dist.is_main else None
-                if dist.is_main:
-                    run_info["status"] = f"interrupted at step {step}"
-                    write_json_atomic(out / RUN_FILE, run_info)
-                raise Interrupted(step, path)
-    progress.close()
-
-    if step < cfg.steps:  # --stop-at: a checkpoint was written; --resume continues
-        if dist.is_main:
-            run_info["status"] = f"stopped at step {step} (--stop-at)"
-            write_json_atomic(out / RUN_FILE, run_info)
+def resume(run: Run) -> None:
+    """--resume: restore the trainable tensors, optimizer, scheduler, RNG states, history and
+    step from the newest whole checkpoint, after checking it belongs to this run."""
+    if run.mode != "resume":
+        return
+    path = find_checkpoint(run.ckpt_dir)
+    if path is None:
+        if run.dist.is_main:
             print(
-                f"stopped after step {step} of {cfg.steps}; continue with --resume", file=sys.stderr
+                f"--resume: no checkpoint in {run.ckpt_dir}; starting from step 0",
+                file=sys.stderr,
             )
-        return {"step": step, "status": "stopped"}
+        return
+    state = load_checkpoint(path)
+    if state["config_digest"] != run.run_info["config_digest"]:
+        raise TrainError(f"--resume: {path} belongs to another configuration")
+    if state.get("data_fingerprint") != run.run_info["data_fingerprint"]:
+        raise TrainError(
+            f"--resume: the data of {run.cfg.data!r} differ from those {path} was trained "
+            "on (the file changed?); resuming would not continue the same run"
+        )
+    if state["world_size"] != run.dist.world_size:
+        raise TrainError(
+            f"--resume: {path} was written by {state['world_size']} processes, this run "
+            f"has {run.dist.world_size} (the per-rank RNG states would not line up)"
+        )
+    params = dict(run.model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state["trainable"].items():
+            params[name].copy_(tensor)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"][run.dist.rank])
+    run.step = state["step"]
+    run.history, run.evals = state["history"], state["evals"]
+    run.train_time = sum(h.get("time_s", 0.0) for h in run.history)
 
-    final = evaluate(model, val_enc, task, device, dist, cfg.eval_batch_size, amp)
-    if not evals or evals[-1]["step"] != step:
-        evals.append({"step": step} | final)
-    total_tokens = sum(h["tokens"] for h in history)
+
+def start_run_dir(run: Run) -> None:
+    """Create --out (clearing our own entries on --overwrite), write run.json, and seed the
+    dropout streams of a run that starts at step 0."""
+    if run.dist.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        if run.mode == "overwrite":
+            clear_out_dir(run.out)
+        write_json_atomic(run.out / RUN_FILE, run.run_info)
+    run.dist.barrier()
+    if run.mode != "resume" or run.step == 0:
+        torch.manual_seed(run.cfg.seed * 7919 + 17 + run.dist.rank)  # dropout streams, per rank
+
+
+def accumulate_gradients(run: Run) -> tuple[float, int]:
+    """Forward and backward of this step's --grad-accum micro-batches (this rank's shard of
+    each global batch); under DDP the gradients are all-reduced on the last micro-batch only.
+
+    Returns:
+        (this rank's mean loss over the micro-batches, its non-padding tokens).
+    """
+    cfg, dist, device = run.cfg, run.dist, run.device
+    loss_sum = 0.0
+    tokens = 0
+    for micro in range(cfg.grad_accum):
+        index = run.step * cfg.grad_accum + micro
+        global_idx = D.global_batch_indices(
+            len(run.train_enc), cfg.batch_size, cfg.seed, index, run.lengths
+        )
+        batch = D.collate(run.train_enc, D.shard(global_idx, dist.rank, dist.world_size))
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        sync = micro == cfg.grad_accum - 1 or not dist.enabled
+        ctx = contextlib.nullcontext() if sync else run.ddp_model.no_sync()
+        with ctx:
+            with _autocast(device, run.amp):
+                loss, _ = compute_loss(run.ddp_model, batch, run.task)
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float().item()
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum / cfg.grad_accum, tokens
+
+
+def train_step(run: Run, stop_requested: bool) -> tuple[dict[str, Any], bool]:
+    """One optimizer step: :func:`accumulate_gradients`, clipping, the update.
+
+    Returns:
+        (the step's record {step, loss, lr, tokens, time_s}, whether any rank was asked to
+        stop: one small all-reduce carries the global loss, tokens and the stop flags).
+    """
+    cfg, dist, device = run.cfg, run.dist, run.device
+    t0 = time.perf_counter()
+    loss, tokens = accumulate_gradients(run)
+    # the norm is computed either way (max_norm inf: a multiply by exactly 1): a non-finite
+    # gradient must never reach the weights. Gradients are all-reduced, so every rank agrees.
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, max_norm))
+    if not math.isfinite(grad_norm):
+        raise Diverged(run.step + 1, f"the gradient norm is {grad_norm}")
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    if not all(bool(torch.isfinite(p).all()) for p in run.trainable):
+        raise Diverged(run.step + 1, "the update made a trainable tensor non-finite")
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    stats = torch.tensor([loss, tokens, float(stop_requested)], dtype=torch.float64)
+    if dist.enabled:
+        stats = stats.to(device)
+        torch.distributed.all_reduce(stats)
+        stats = stats.cpu()
+        stats[0] /= dist.world_size
+    if not math.isfinite(stats[0].item()):
+        raise Diverged(run.step, f"the loss is {stats[0].item()}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    run.train_time += dt
+    record = {"step": run.step, "loss": stats[0].item(), "lr": lr, "tokens": int(stats[1])}
+    record["time_s"] = dt
+    run.history.append(record)
+    return record, stats[2].item() > 0
+
+
+def checkpoint_state(run: Run) -> dict[str, Any]:
+    """What a checkpoint holds (collective under torchrun: every rank's RNG state)."""
+    dist = run.dist
+    rngs: list[Any] = [None] * dist.world_size
+    if dist.enabled:
+        torch.distributed.all_gather_object(rngs, _rng_state())
+    else:
+        rngs = [_rng_state()]
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": run.step,
+        "config_digest": run.run_info["config_digest"],
+        "data_fingerprint": run.run_info["data_fingerprint"],
+        "world_size": dist.world_size,
+        "trainable": {names[id(p)]: p.detach().cpu().clone() for p in run.trainable},
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rngs,
+        "history": run.history,
+        "evals": run.evals,
+        # the data order is a function of these (and of the example lengths when grouping):
+        # micro-batch k of the run is global_batch_indices(n_train, batch_size, seed, k, lengths)
+        "data": {
+            "seed": run.cfg.seed,
+            "n_train": len(run.train_enc),
+            "next_micro_batch": run.step * run.cfg.grad_accum,
+        },
+    }
+
+
+def write_checkpoint(run: Run) -> Path | None:
+    """Write a checkpoint of the current step (rank 0 writes; every rank takes part)."""
+    state = checkpoint_state(run)
+    path = None
+    if run.dist.is_main:
+        path = save_checkpoint(run.ckpt_dir, run.step, state, run.cfg.keep_checkpoints)
+    run.dist.barrier()
+    return path
+
+
+def _set_status(run: Run, status: str) -> None:
+    run.run_info["status"] = status
+    if run.dist.is_main:
+        write_json_atomic(run.out / RUN_FILE, run.run_info)
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Evaluate, save the adapter, metrics.json and loss.png, and export with --export."""
+    cfg, dist, device = run.cfg, run.dist, run.device
+    final = evaluate(run.model, run.val_enc, run.task, device, dist, cfg.eval_batch_size, run.amp)
+    if not run.evals or run.evals[-1]["step"] != run.step:
+        run.evals.append({"step": run.step} | final)
+    total_tokens = sum(h["tokens"] for h in run.history)
     metrics = {
-        "task": task.kind,
-        "steps": step,
+        "task": run.task.kind,
+        "steps": run.step,
         "final": final,
-        "train_time_s": train_time,
-        "tokens_per_s": total_tokens / max(train_time, 1e-9),
-        "step_time_s_median": _median([h["time_s"] for h in history]),
-        "history": history,
-        "evals": evals,
+        "train_time_s": run.train_time,
+        "tokens_per_s": total_tokens / max(run.train_time, 1e-9),
+        "step_time_s_median": _median([h["time_s"] for h in run.history]),
+        "history": run.history,
+        "evals": run.evals,
         "device": str(device),
         "world_size": dist.world_size,
     }
     if device.type == "cuda":
         metrics["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     if dist.is_main:
-        model.eval()
-        save_trained_adapter(model, out / "adapter", task)
-        write_json_atomic(out / "metrics.json", metrics)
-        plot_loss(history, evals, task, out / "loss.png")
-        print(_format_eval(step, final, final=True), file=sys.stderr)
-        run_info["status"] = "done"
+        run.model.eval()
+        save_trained_adapter(run.model, run.out / "adapter", run.task)
+        write_json_atomic(run.out / "metrics.json", metrics)
+        plot_loss(run.history, run.evals, run.task.kind, run.out / "loss.png")
+        print(_format_eval(run.step, final, final=True), file=sys.stderr)
+        run.run_info["status"] = "done"
         if cfg.export:
-            try:
-                metrics["export"] = export_run(
-                    out, model, tokenizer, task, val_enc, split.train.texts, cfg.max_length
-                )
-            except Exception as e:  # the trained adapter is safe on disk: report, don't lose it
-                metrics["export_error"] = f"{type(e).__name__}: {e}"
-                run_info["status"] = "done; export failed"
-                _log(
-                    f"export failed ({metrics['export_error']}); the adapter is saved in "
-                    f"{out / 'adapter'}: retry with `lora-ext export --adapter {out / 'adapter'}`"
-                )
-            write_json_atomic(out / "metrics.json", metrics)
-        write_json_atomic(out / RUN_FILE, run_info)
+            _export(run, metrics)
+            write_json_atomic(run.out / "metrics.json", metrics)
+        write_json_atomic(run.out / RUN_FILE, run.run_info)
     dist.barrier()
     return metrics
+
+
+def _export(run: Run, metrics: dict[str, Any]) -> None:
+    """--export after training; a failure is reported, never loses the saved adapter."""
+    try:
+        metrics["export"] = export_run(
+            run.out,
+            run.model,
+            run.tokenizer,
+            run.task,
+            run.val_enc,
+            run.split.train.texts,
+            run.cfg.max_length,
+        )
+    except Exception as e:  # the trained adapter is safe on disk: report, don't lose it
+        metrics["export_error"] = f"{type(e).__name__}: {e}"
+        run.run_info["status"] = "done; export failed"
+        _log(
+            f"export failed ({metrics['export_error']}); the adapter is saved in "
+            f"{run.out / 'adapter'}: retry with `lora-ext export --adapter {run.out / 'adapter'}`"
+        )
 
 
 def _median(values: Sequence[float]) -> float:
@@ -1131,50 +736,6 @@ def _progress(cfg: TrainConfig, dist: Dist, initial: int):
         disable=not (cfg.progress and dist.is_main),
         dynamic_ncols=True,
     )
-
-
-def plot_loss(
-    history: list[dict[str, Any]], evals: list[dict[str, Any]], task: TaskSpec, path: Path
-) -> None:
-    """Training loss per step (and its moving average), validation metric on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    losses = [h["loss"] for h in history]
-    window = max(1, len(losses) // 20)
-    smooth = [
-        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-        for i in range(len(losses))
-    ]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train loss")
-    ax.plot(
-        steps, smooth, color="tab:blue", linewidth=1.5, label=f"train loss ({window}-step mean)"
-    )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    if evals:
-        key = "accuracy" if task.kind == "seq-cls" else "perplexity"
-        ax2 = ax.twinx()
-        ax2.plot(
-            [e["step"] for e in evals],
-            [e[key] for e in evals],
-            "o-",
-            color="tab:orange",
-            label=f"validation {key}",
-        )
-        ax2.set_ylabel(f"validation {key}")
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left" if evals else "best")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def export_run(
@@ -1241,10 +802,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 __all__ = [
+    "Diverged",
     "Interrupted",
+    "Run",
     "TrainConfig",
     "TrainError",
     "load_trained_adapter",
+    "quiet_transformers",
     "save_trained_adapter",
     "train",
 ]

@@ -455,3 +455,29 @@ def test_bbc_news_five_classes(tmp_path):
     assert head.shape == (5, 384)
     task = json.loads((out / "adapter" / "lora_ext_task.json").read_text())
     assert task["classes"] == run["classes"]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--lr", "1e30", "--max-grad-norm", "none"],  # the update overflows, then the loss
+        ["--weight-decay", "inf"],  # AdamW's decay makes the weights -inf at once
+    ],
+)
+def test_divergence_stops_with_an_error_and_keeps_the_last_good_checkpoint(tmp_path, capsys, flags):
+    out = tmp_path / "run"
+    status = _train(out, "--steps", "6", "--save-every", "1", "--eval-every", "100", *flags)
+    err = capsys.readouterr().err
+    assert status == 3, err
+    assert "diverged at step" in err and "Traceback" not in err
+    assert not (out / "adapter").exists()  # a NaN adapter is never written
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"].startswith("diverged at step")
+    step = int(run["status"].split()[3].rstrip(":"))
+    path = T.find_checkpoint(out / "checkpoints")
+    if step == 1:
+        assert path is None
+    else:  # the checkpoint before the bad step: finite, resumable
+        state = T.load_checkpoint(path)
+        assert state["step"] == step - 1
+        assert all(torch.isfinite(t).all() for t in state["trainable"].values())
