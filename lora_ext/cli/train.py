@@ -121,6 +121,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=["auto", "fp32", "bf16"],
         help="auto: bf16 autocast on CUDA",
     )
+    g.add_argument(
+        "--bf16",
+        dest="precision",
+        action="store_const",
+        const="bf16",
+        help="shorthand for --precision bf16 (autocast: the GEMMs in bf16, fp32 LoRA masters)",
+    )
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output directory")
@@ -129,6 +136,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP2 (fully_shard per transformer block) "
+        "instead of replicating it with DDP, for a base too big for one device",
+    )
     g.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     g.add_argument("--export", action="store_true", help="also write merged fp32 and int8 ONNX")
     g.add_argument(

@@ -74,6 +74,7 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     device: str = "auto"
+    fsdp: bool = False
     threads: int | None = None
     export: bool = False
     resume: bool = False

@@ -73,9 +73,16 @@ from lora_ext.training.config import TrainConfig, TrainError
 from lora_ext.training.distributed import (
     Dist,
     _autocast,
+    all_true,
     autocast_dtype,
+    full,
+    gradient_sync,
     init_distributed,
+    is_sharded,
+    local,
     pick_device,
+    unshard_for_saving,
+    wrap_model,
 )
 from lora_ext.training.heads import (
     TaskSpec,
@@ -384,8 +391,14 @@ def set_up(cfg: TrainConfig) -> Run:
         _enable_grad_checkpointing(model)
     model.to(device)
     model.train()
+    # FSDP2 replaces the parameters with sharded ones: the optimizer is built after wrapping,
+    # from the groups' parameter names
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+    wrapped = wrap_model(model, dist, device, cfg.fsdp)
+    params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(
-        [{k: v for k, v in g.items() if k != "name"} | {"name": g["name"]} for g in groups],
+        [g | {"params": [params[n] for n in pn]} for g, pn in zip(groups, group_names)],
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
     )
@@ -411,7 +424,7 @@ def set_up(cfg: TrainConfig) -> Run:
         val_enc=val_enc,
         optimizer=optimizer,
         scheduler=scheduler,
-        ddp_model=_wrap_ddp(model, dist, device),
+        ddp_model=wrapped,
         run_info=_run_info(cfg, split, model, task, dist, device, amp),
         lengths=lengths,
     )
@@ -438,24 +451,6 @@ def _enable_grad_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _wrap_ddp(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
-    """DDP over the trainable tensors only (single process: the model itself)."""
-    if not dist.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    # Only trainable tensors are synchronised: frozen ones are excluded from the initial
-    # broadcast too (every rank loaded the same base weights from disk).
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    frozen += [n for n, _ in model.named_buffers()]
-    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    return DDP(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=False,
-    )
 
 
 def _run_info(
@@ -513,11 +508,7 @@ def resume(run: Run) -> None:
             f"--resume: {path} was written by {state['world_size']} processes, this run "
             f"has {run.dist.world_size} (the per-rank RNG states would not line up)"
         )
-    params = dict(run.model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["trainable"].items():
-            params[name].copy_(tensor)
-    run.optimizer.load_state_dict(state["optimizer"])
+    _restore_trainable(run, state)
     run.scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"][run.dist.rank])
     run.step = state["step"]
@@ -556,8 +547,7 @@ def accumulate_gradients(run: Run) -> tuple[float, int]:
         batch = D.collate(run.train_enc, D.shard(global_idx, dist.rank, dist.world_size))
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         sync = micro == cfg.grad_accum - 1 or not dist.enabled
-        ctx = contextlib.nullcontext() if sync else run.ddp_model.no_sync()
-        with ctx:
+        with gradient_sync(run.ddp_model, sync):
             with _autocast(device, run.amp):
                 loss, _ = compute_loss(run.ddp_model, batch, run.task)
             (loss / cfg.grad_accum).backward()
@@ -579,12 +569,13 @@ def train_step(run: Run, stop_requested: bool) -> tuple[dict[str, Any], bool]:
     # the norm is computed either way (max_norm inf: a multiply by exactly 1): a non-finite
     # gradient must never reach the weights. Gradients are all-reduced, so every rank agrees.
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.trainable, max_norm))
+    grad_norm = float(full(torch.nn.utils.clip_grad_norm_(run.trainable, max_norm)))
     if not math.isfinite(grad_norm):
         raise Diverged(run.step + 1, f"the gradient norm is {grad_norm}")
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
-    if not all(bool(torch.isfinite(p).all()) for p in run.trainable):
+    finite = all(bool(torch.isfinite(local(p)).all()) for p in run.trainable)
+    if not all_true(finite, dist, device):  # FSDP2: each rank checks its own shards
         raise Diverged(run.step + 1, "the update made a trainable tensor non-finite")
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -622,8 +613,9 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
         "config_digest": run.run_info["config_digest"],
         "data_fingerprint": run.run_info["data_fingerprint"],
         "world_size": dist.world_size,
-        "trainable": {names[id(p)]: p.detach().cpu().clone() for p in run.trainable},
-        "optimizer": run.optimizer.state_dict(),
+        # FSDP2 shards are gathered (collective): a checkpoint always holds whole tensors
+        "trainable": {names[id(p)]: full(p.detach()).cpu().clone() for p in run.trainable},
+        "optimizer": _optimizer_state(run),
         "scheduler": run.scheduler.state_dict(),
         "rng": rngs,
         "history": run.history,
@@ -636,6 +628,40 @@ def checkpoint_state(run: Run) -> dict[str, Any]:
             "next_micro_batch": run.step * run.cfg.grad_accum,
         },
     }
+
+
+def _optimizer_state(run: Run) -> dict[str, Any]:
+    """The optimizer's state dict; under FSDP2 the whole (gathered, collective) one, keyed
+    by parameter name (torch.distributed.checkpoint's full state dict)."""
+    if not is_sharded(run.model):
+        return run.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(run.model, run.optimizer, options=options)
+
+
+def _restore_trainable(run: Run, state: dict[str, Any]) -> None:
+    """Load a checkpoint's trainable tensors and optimizer state into the model (sharding
+    them again under FSDP2)."""
+    if not is_sharded(run.model):
+        params = dict(run.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["trainable"].items():
+                params[name].copy_(tensor)
+        run.optimizer.load_state_dict(state["optimizer"])
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(run.model, state["trainable"], options=options)
+    set_optimizer_state_dict(
+        run.model, run.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def write_checkpoint(run: Run) -> Path | None:
@@ -675,6 +701,8 @@ def finish(run: Run) -> dict[str, Any]:
     }
     if device.type == "cuda":
         metrics["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    if is_sharded(run.model):
+        unshard_for_saving(run.model)  # collective: rank 0 then saves whole tensors
     if dist.is_main:
         run.model.eval()
         save_trained_adapter(run.model, run.out / "adapter", run.task)
@@ -693,9 +721,13 @@ def finish(run: Run) -> dict[str, Any]:
 def _export(run: Run, metrics: dict[str, Any]) -> None:
     """--export after training; a failure is reported, never loses the saved adapter."""
     try:
+        model = run.model
+        if is_sharded(model):  # FSDP2 hooks would reshard it while tracing: a fresh copy
+            model, _, _ = load_model(run.cfg, run.task.kind, run.task.classes)
+            load_trained_adapter(model, run.out / "adapter")
         metrics["export"] = export_run(
             run.out,
-            run.model,
+            model,
             run.tokenizer,
             run.task,
             run.val_enc,

@@ -1,5 +1,5 @@
-"""DistributedDataParallel: 2 CPU processes under torchrun (gloo) compute the same training
-step as one process over the same global batch.
+"""torchrun with DDP and with FSDP2 (--fsdp): 2 CPU processes (gloo) compute the same
+training step as one process over the same global batch.
 
 Each process takes half of every global batch of 4; DDP averages the two halves' gradients,
 which is the gradient of the mean over the whole batch. What is compared is deterministic:
@@ -59,19 +59,19 @@ GRADS = str(Path(__file__).with_name("grads_of_one_step.py"))
 
 @pytest.fixture(scope="module")
 def grads(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
-    """The first step's gradients (float64) of: DDP over 2 processes, one process over the
-    same global batch, one process over half of it; each with and without accumulation.
+    """The first step's gradients (float64) of: DDP and FSDP2 over 2 processes, one process
+    over the same global batches (2 micro-batches of 2: the no_sync micro-step and the
+    synchronised one), and one process over only the first micro-batch.
     PiSSA init: A and B both non-zero (the default init has B = 0, so A's first gradient is
     exactly zero and would test nothing)."""
     base = tmp_path_factory.mktemp("grads")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     accum = ["--batch-size", "2", "--grad-accum", "2"]
     cases = {
-        "ddp": (torchrun, ["--batch-size", "4"]),
-        "single": ([sys.executable], ["--batch-size", "4"]),
-        "half": ([sys.executable], ["--batch-size", "2"]),
         "ddp_accum": (torchrun, accum),
+        "fsdp_accum": (torchrun, [*accum, "--fsdp"]),
         "single_accum": ([sys.executable], accum),
+        "half": ([sys.executable], ["--batch-size", "2"]),
     }
     out = {}
     for name, (launcher, flags) in cases.items():
@@ -94,20 +94,16 @@ def _assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor
 
 
 def test_ddp_gradients_equal_single_process(grads):
-    _assert_same_gradients(grads["ddp"], grads["single"])
-    # half the batch gives clearly different gradients: the bound above is far below the
-    # effect of the other half
-    differs = [
-        (grads["half"][k] - grads["single"][k]).abs().max().item()
-        / grads["single"][k].abs().max().item()
-        for k in grads["single"]
-    ]
-    assert max(differs) > 0.05
-
-
-def test_ddp_gradients_with_accumulation_equal_single_process(grads):
     # DDP skips the all-reduce (no_sync) on all but the last micro-step
     _assert_same_gradients(grads["ddp_accum"], grads["single_accum"])
+    # half the data gives clearly different gradients: the bound above is far below the
+    # effect of the other half
+    differs = [
+        (grads["half"][k] - grads["single_accum"][k]).abs().max().item()
+        / grads["single_accum"][k].abs().max().item()
+        for k in grads["single_accum"]
+    ]
+    assert max(differs) > 0.05
 
 
 def test_ddp_run_metadata_and_single_writer(runs):
@@ -127,3 +123,54 @@ def test_ddp_run_metadata_and_single_writer(runs):
     assert ckpts == ["latest", "step-0000003"]
     state = torch.load(runs["ddp"] / "checkpoints" / "step-0000003" / "state.pt", weights_only=True)
     assert len(state["rng"]) == 2  # every rank's RNG state, for an exact resume
+
+
+def test_fsdp_gradients_equal_single_process(grads):
+    # FSDP2 shards every parameter (frozen base and LoRA), gathers them per block in the
+    # forward and reduce-scatters the gradients; with accumulation, on the last micro-step
+    _assert_same_gradients(grads["fsdp_accum"], grads["single_accum"])
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("fsdp")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    train = [*torchrun, "-m", "lora_ext.cli", "train", *ARGS, "--batch-size", "4", "--fsdp"]
+    outs = {"full": base / "full", "resumed": base / "resumed"}
+    _run([*train, "--save-every", "2", "--out", str(outs["full"])])
+    _run([*train, "--save-every", "2", "--stop-at", "2", "--out", str(outs["resumed"])])
+    _run([*train, "--save-every", "2", "--resume", "--out", str(outs["resumed"])])
+    return outs
+
+
+def test_fsdp_resume_is_bit_identical(fsdp_runs):
+    full, resumed = _adapter(fsdp_runs["full"]), _adapter(fsdp_runs["resumed"])
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    run = json.loads((fsdp_runs["full"] / "run.json").read_text())
+    assert run["config"]["fsdp"] and run["world_size"] == 2 and run["status"] == "done"
+
+
+def test_fsdp_adapter_from_rank_0_loads_in_peft(fsdp_runs):
+    """The adapter rank 0 saved (gathered from the shards) is a PEFT SEQ_CLS adapter: PEFT
+    and lora_ext load it into the same logits, which differ from the base model's."""
+    import peft
+
+    from lora_ext.training import models
+    from lora_ext.training.heads import load_trained_adapter
+
+    adapter = fsdp_runs["full"] / "adapter"
+    base, tok = models.load_minilm_classifier(num_labels=2)
+    batch = tok(["a gripping, beautifully shot film", "dull and far too long"], padding=True,
+                return_tensors="pt")  # fmt: skip
+    ours, _ = models.load_minilm_classifier(num_labels=2)
+    load_trained_adapter(ours, adapter)
+    theirs = peft.PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        a = ours.eval()(**batch).logits
+        b = theirs(**batch).logits
+        plain, _ = models.load_minilm_classifier(num_labels=2)
+        c = plain(**batch).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (a - c).abs().max() > 1e-3
