@@ -1,7 +1,7 @@
 """``lora-ext export``: load a model (+ a trained adapter), export it with lora_ext.export.
 
     lora-ext export --model minilm --adapter runs/rt/adapter --out model.onnx [--int8]
-    lora-ext export --model smollm2 --out smollm2.onnx --task causal-lm
+    lora-ext export --model smollm2 --adapter runs/lm/adapter --out smollm2-genai [--int4]
 
 Heavy modules (torch, transformers, onnx, onnxruntime) are imported when a command runs.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_ext.cli import HelpFormatter
+from lora_ext.cli.export_decoder import add_decoder_arguments, is_causal_lm, run_export_decoder
 from lora_ext.config import Task
 
 TASKS = tuple(t.value for t in Task)
@@ -43,7 +44,7 @@ def add_export_command(subparsers: Any) -> None:
         "--out",
         required=True,
         help="output .onnx file; its directory must exist (the tokenizer is saved there too, "
-        "for lora-ext infer)",
+        "for lora-ext infer). A causal LM: the model folder to write",
     )
     variant = exp.add_mutually_exclusive_group()
     variant.add_argument("--fp16", action="store_true", help="fp16 weights and activations")
@@ -94,6 +95,7 @@ def add_export_command(subparsers: Any) -> None:
     exp.add_argument("--external-data", action="store_true", help="weights in <out>.data")
     exp.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     exp.add_argument("--report", help="also write the report as JSON to this file")
+    add_decoder_arguments(exp)
     exp.set_defaults(func=run_export)
 
 
@@ -222,6 +224,9 @@ def run_export(args: argparse.Namespace) -> int:
     """``lora-ext export``: returns 0 on success, 1 on a failed export (message printed)."""
     from lora_ext.export._io import check_output_path
     from lora_ext.export.exporter import DEFAULT_OPSET, VerificationError, export_onnx
+
+    if is_causal_lm(args):  # an onnxruntime-genai folder: cli/export_decoder.py
+        return run_export_decoder(args)
 
     def say(msg: str) -> None:
         print(f"[export] {msg}", file=sys.stderr, flush=True)

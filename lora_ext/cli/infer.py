@@ -1,6 +1,7 @@
 """``lora-ext infer``: run an exported ONNX model on text with onnxruntime.
 
 lora-ext infer --onnx model.onnx --tokenizer minilm "a gripping, beautifully shot film"
+lora-ext infer --onnx smollm2-genai "The capital of France is" [--sample --top-p 0.9 --seed 0]
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ def add_infer_command(subparsers: Any) -> None:
         help="run an exported ONNX model on text with onnxruntime",
         description="Tokenize the texts, run the ONNX file, print labels or next tokens.",
     )
-    inf.add_argument("--onnx", required=True, help="the .onnx (or .ort) file")
+    inf.add_argument(
+        "--onnx",
+        required=True,
+        help="the .onnx (or .ort) file, or a causal LM's model folder (genai_config.json)",
+    )
     inf.add_argument(
         "--tokenizer",
         help="tokenizer dir, or minilm | smollm2 (default: the .onnx file's directory)",
@@ -31,6 +36,17 @@ def add_infer_command(subparsers: Any) -> None:
         "--generate", type=int, default=0, metavar="N", help="causal-lm: N greedy new tokens"
     )
     inf.add_argument("--cpu", action="store_true", help="CPU execution provider only")
+    gen = inf.add_argument_group("a model folder (causal LM, KV cache)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    gen.add_argument("--temperature", type=float, default=1.0, help="--sample: temperature")
+    gen.add_argument("--top-k", type=int, default=0, help="--sample: top-k (0: off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="--sample: nucleus (1: off)")
+    gen.add_argument("--seed", type=int, default=None, help="--sample: random seed")
+    gen.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    gen.add_argument(
+        "--no-stream", action="store_true", help="print when done instead of token by token"
+    )
     inf.add_argument("texts", nargs="+", help="input text(s)")
     inf.set_defaults(func=run_infer)
 
@@ -53,10 +69,67 @@ def _load_tokenizer(source: str | Path) -> Any:
     )
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    """``lora-ext infer --onnx FOLDER``: continue each text with the KV cache (our runner);
+    one prompt streams to stdout token by token, a batch prints each continuation."""
+    from lora_ext.export.runner import DecoderRunner
+
+    try:
+        folder = Path(args.onnx)
+        tokenizer = _load_tokenizer(args.tokenizer or folder)
+        runner = DecoderRunner(
+            folder,
+            tokenizer,
+            providers=["CPUExecutionProvider"] if args.cpu else None,
+            threads=args.threads,
+        )
+        if args.adapter:
+            raise ValueError("--adapter: model folders are exported merged; no adapter to swap")
+        stream = None
+        if len(args.texts) == 1 and not args.no_stream:
+            shown: list[int] = []
+            printed = [""]
+            print(args.texts[0], end="", flush=True)
+
+            def stream(_row: int, token: int) -> None:
+                shown.append(token)
+                text = tokenizer.decode(shown, skip_special_tokens=True)
+                print(text[len(printed[0]) :], end="", flush=True)
+                printed[0] = text
+
+        out = runner.generate(
+            args.texts,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stream=stream,
+        )
+    except (ValueError, OSError) as exc:
+        print(f"lora-ext infer: error: {exc}", file=sys.stderr)
+        return 2
+    if stream is not None:
+        print()
+    else:
+        for text, cont in zip(args.texts, out.texts or []):
+            print(f"{text}{cont}")
+    steps = max(out.decode_steps, 1)
+    print(
+        f"[infer] prefill {out.prefill_s * 1e3:.1f} ms, decode "
+        f"{steps / max(out.decode_s, 1e-9):.1f} tokens/s ({len(args.texts)} prompt(s))",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def run_infer(args: argparse.Namespace) -> int:
     """``lora-ext infer``: prints one line per text; returns 0, or 1 on bad input."""
     from lora_ext.export.runner import OnnxRunner
 
+    if Path(args.onnx).is_dir():
+        return run_generate(args)
     try:
         onnx_path = Path(args.onnx)
         if not onnx_path.is_file():

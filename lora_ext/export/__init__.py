@@ -12,6 +12,7 @@ variants, verification in onnxruntime, and a small onnxruntime runner.
 from __future__ import annotations
 
 from lora_ext.export.adapters import adapter_tensors, read_onnx_adapter, save_onnx_adapter
+from lora_ext.export.decoder import DecoderExportError, DecoderReport, export_decoder
 from lora_ext.export.exporter import (
     DEFAULT_OPSET,
     ExportReport,
@@ -21,10 +22,14 @@ from lora_ext.export.exporter import (
     export_onnx,
 )
 from lora_ext.export.quantize import calibration_runs, quantize_int8, save_ort_format, to_fp16
-from lora_ext.export.runner import OnnxRunner, RunnerOutput
+from lora_ext.export.runner import DecoderRunner, GenerationOutput, OnnxRunner, RunnerOutput
 
 __all__ = [
     "DEFAULT_OPSET",
+    "DecoderExportError",
+    "DecoderReport",
+    "DecoderRunner",
+    "GenerationOutput",
     "ExportReport",
     "OnnxRunner",
     "RunnerOutput",
@@ -33,6 +38,7 @@ __all__ = [
     "VerifyCheck",
     "adapter_tensors",
     "calibration_runs",
+    "export_decoder",
     "export_onnx",
     "quantize_int8",
     "read_onnx_adapter",

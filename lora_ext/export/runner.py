@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,251 @@ class OnnxRunner:
                 break
             new.append(token)
         return self.tokenizer.decode(new, skip_special_tokens=True)
+
+
+# -- causal LM folders (onnxruntime-genai layout): generation with the KV cache --------------
+@dataclass
+class GenerationOutput:
+    """tokens: the new tokens of each prompt (its EOS included when it stopped there).
+    texts: their decoded text (with a tokenizer). logits: with ``return_logits``, per prompt
+    the step logits [steps, vocab] float32 its tokens were chosen from. Times in seconds:
+    prefill (the prompt, one run) and decode (every later step)."""
+
+    tokens: list[list[int]]
+    texts: list[str] | None = None
+    logits: list[np.ndarray] | None = None
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+
+def sample_next(
+    logits: np.ndarray,
+    rng: np.random.Generator | None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> np.ndarray:
+    """Next token per row from logits [batch, vocab]: argmax without ``rng``, else a draw
+    from softmax(logits / temperature) restricted to the top_k tokens (0: all) and to the
+    smallest set whose probability reaches top_p. Returns int64 [batch]."""
+    if rng is None:
+        return logits.argmax(-1).astype(np.int64)
+    out = np.empty(logits.shape[0], dtype=np.int64)
+    for b, row in enumerate(logits.astype(np.float64) / temperature):
+        order = np.argsort(-row, kind="stable")
+        if top_k > 0:
+            order = order[:top_k]
+        z = row[order] - row[order[0]]
+        p = np.exp(z)
+        p /= p.sum()
+        if top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
+            order, p = order[:keep], p[:keep] / p[:keep].sum()
+        out[b] = order[rng.choice(len(order), p=p)]
+    return out
+
+
+class DecoderRunner:
+    """Generate from an onnxruntime-genai model folder with plain onnxruntime and the KV
+    cache: the prompt in one run (prefill), then one token per run.
+
+    The folder's graph is the builder's (GroupQueryAttention: rotary positions and each row's
+    length come from the attention mask's row sums), so a batch of prompts is laid out
+    left-aligned: row b's tokens and cache entries sit at positions [0, n_b) and its mask
+    row has n_b leading ones (right padding).
+
+    Args:
+        folder: the model folder (genai_config.json, the .onnx file it names).
+        tokenizer: a transformers tokenizer for text in and out, or None for token ids.
+        providers: onnxruntime execution providers; default CUDA (if present) then CPU.
+        threads: intra-op threads (default: onnxruntime's choice).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        tokenizer: Any = None,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        config_file = self.folder / "genai_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"folder: {str(self.folder)!r} has no genai_config.json (need a model folder "
+                "written by export_decoder / lora-ext export on a causal LM)"
+            )
+        config = json.loads(config_file.read_text())
+        model_cfg = config["model"]
+        dec = model_cfg["decoder"]
+        self.num_layers = int(dec["num_hidden_layers"])
+        self.kv_heads = int(dec["num_key_value_heads"])
+        self.head_size = int(dec["head_size"])
+        self.vocab_size = int(model_cfg["vocab_size"])
+        eos = model_cfg.get("eos_token_id")
+        self.eos_ids: set[int] = set(
+            eos if isinstance(eos, list) else [eos] if eos is not None else []
+        )
+        pad = model_cfg.get("pad_token_id")
+        self.pad_id = int(pad[0] if isinstance(pad, list) else pad if pad is not None else 0)
+        ins, outs = dec["inputs"], dec["outputs"]
+        self.past_names = [
+            (ins["past_key_names"] % i, ins["past_value_names"] % i) for i in range(self.num_layers)
+        ]
+        self.present_names = [
+            n
+            for i in range(self.num_layers)
+            for n in (outs["present_key_names"] % i, outs["present_value_names"] % i)
+        ]
+        self.logits_name = outs["logits"]
+        self.ids_name, self.mask_name = ins["input_ids"], ins["attention_mask"]
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads: got {threads}, need >= 1")
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(self.folder / dec["filename"]),
+            options,
+            providers=list(providers or default_providers()),
+        )
+        declared = {i.name: i for i in self.session.get_inputs()}
+        if "position_ids" in declared:
+            raise ValueError(
+                f"folder: {self.folder.name}'s graph takes position_ids; this runner drives "
+                "GroupQueryAttention graphs (positions from the mask), as the builder writes"
+            )
+        kv_type = declared[self.past_names[0][0]].type
+        self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
+        self.tokenizer = tokenizer
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One run. input_ids [batch, seq] int64; attention_mask [batch, past + seq] int64
+        (row b: n_b leading ones); past: 2 x layers arrays [batch, kv_heads, past, head_size]
+        (key, value per layer). Returns (logits [batch, seq, vocab], present, same layout)."""
+        feeds = {self.ids_name: input_ids, self.mask_name: attention_mask}
+        for (k, v), i in zip(self.past_names, range(0, 2 * self.num_layers, 2)):
+            feeds[k], feeds[v] = past[i], past[i + 1]
+        out = self.session.run([self.logits_name, *self.present_names], feeds)
+        return out[0], out[1:]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        shape = (batch, self.kv_heads, 0, self.head_size)
+        return [np.zeros(shape, dtype=self.kv_dtype) for _ in range(2 * self.num_layers)]
+
+    def score(self, input_ids: np.ndarray) -> np.ndarray:
+        """Teacher-forced logits of whole sequences, one run without a cache.
+        input_ids [batch, seq] -> logits [batch, seq, vocab] float32."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        logits, _ = self.forward(ids, np.ones_like(ids), self.empty_past(ids.shape[0]))
+        return logits.astype(np.float32, copy=False)
+
+    def _prompt_ids(
+        self, prompts: str | Sequence[str] | Sequence[Sequence[int]]
+    ) -> list[list[int]]:
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not batch:
+            raise ValueError("prompts: got an empty list")
+        rows = []
+        for p in batch:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("prompts: text needs a tokenizer; pass one or token ids")
+                p = list(self.tokenizer(p)["input_ids"])
+            row = [int(t) for t in p]
+            if not row:
+                raise ValueError("prompts: a prompt has no tokens")
+            bad = [t for t in row if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompts: token id {bad[0]} outside the vocab ({self.vocab_size})"
+                )
+            rows.append(row)
+        return rows
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+        stream: Callable[[int, int], None] | None = None,
+        return_logits: bool = False,
+    ) -> GenerationOutput:
+        """Continue each prompt (text, or token ids) by up to ``max_new_tokens`` tokens.
+
+        Greedy by default; ``do_sample`` draws with ``temperature``, ``top_k`` (0: off),
+        ``top_p`` (1: off) from a generator seeded with ``seed``. A row stops at an EOS token
+        of the folder's config (kept in its output) when ``stop_at_eos``; the batch stops
+        when every row has. ``stream(row, token)`` is called for each new token as it comes.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: got {max_new_tokens}, need >= 1")
+        if do_sample:
+            if temperature <= 0:
+                raise ValueError(f"temperature: got {temperature}, need > 0 (or do_sample=False)")
+            if not 0 < top_p <= 1:
+                raise ValueError(f"top_p: got {top_p}, need 0 < top_p <= 1")
+            if top_k < 0:
+                raise ValueError(f"top_k: got {top_k}, need >= 0 (0: off)")
+        rng = np.random.default_rng(seed) if do_sample else None
+        rows = self._prompt_ids(prompts)
+        batch, width = len(rows), max(len(r) for r in rows)
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        ids = np.full((batch, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((batch, width), dtype=np.int64)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+            mask[b, : len(r)] = 1
+        t0 = time.perf_counter()
+        logits, past = self.forward(ids, mask, self.empty_past(batch))
+        last = logits[np.arange(batch), lengths - 1]  # [batch, vocab]
+        prefill = time.perf_counter() - t0
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        kept: list[list[np.ndarray]] = [[] for _ in range(batch)]
+        done = np.zeros(batch, dtype=bool)
+        t1 = time.perf_counter()
+        steps = 0
+        for step in range(max_new_tokens):
+            nxt = sample_next(last, rng, temperature, top_k, top_p)
+            for b in range(batch):
+                if done[b]:
+                    continue
+                tokens[b].append(int(nxt[b]))
+                if return_logits:
+                    kept[b].append(last[b].astype(np.float32))
+                if stream is not None:
+                    stream(b, int(nxt[b]))
+                if stop_at_eos and int(nxt[b]) in self.eos_ids:
+                    done[b] = True
+            if done.all() or step == max_new_tokens - 1:
+                break
+            nxt = np.where(done, self.pad_id, nxt)
+            total = past[0].shape[2] + 1
+            lengths = lengths + 1
+            mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
+            logits, past = self.forward(nxt[:, None], mask, past)
+            last = logits[:, -1]
+            steps += 1
+        decode = time.perf_counter() - t1
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        return GenerationOutput(
+            tokens=tokens,
+            texts=texts,
+            logits=[np.stack(k) for k in kept] if return_logits else None,
+            prefill_s=prefill,
+            decode_s=decode,
+            decode_steps=steps,
+        )

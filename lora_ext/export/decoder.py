@@ -1,0 +1,577 @@
+"""A LoRA-tuned causal LM as an onnxruntime-genai model folder: KV cache, fp32 or int4
+weights, verified token for token against PyTorch before anything is written.
+
+    from lora_ext.export import export_decoder, DecoderRunner
+    report = export_decoder(model, "out/smollm2-genai", tokenizer=tok)             # fp32
+    report = export_decoder(model, "out/smollm2-int4", tokenizer=tok, quantize="int4",
+                            eval_texts=held_out)                                   # + quality
+    DecoderRunner("out/smollm2-genai", tok).generate(["The capital of France is"])
+
+What we chose and why (measured on SmolLM2-135M, 2 cores):
+- The graph is written by onnxruntime-genai's own model builder
+  (``onnxruntime_genai.models.builder``), driven on the *merged* model saved with
+  ``save_pretrained``. The builder is what that runtime's users already trust: its graph
+  uses onnxruntime's ``GroupQueryAttention`` (rotary and the KV cache inside one kernel,
+  ``past_present_share_buffer`` in genai), so decode time barely grows with the context, and
+  onnxruntime-genai loads it as is. A torch.onnx export with a concatenated cache would be
+  slower per token and would need its own genai plumbing; writing our own builder would be
+  a second copy of theirs. Its fp32 graph matched PyTorch to 1.8e-6 relative on SmolLM2.
+- What the builder lacks, we add: merging the adapter on a copy (our op's fp32-accumulated
+  merge), checks of the input before any work (a decoder, a supported architecture, the
+  tokenizer fitting the vocab, the output folder), verification of the staged folder against
+  PyTorch ``generate(use_cache=True)`` (greedy tokens equal for every prompt, a divergence
+  accepted only at a near-tie and reported; the step logits of the cached decode within
+  1e-4 relative), loading the folder in onnxruntime-genai and generating the same tokens
+  there, the quality report of int4 (next-token agreement and perplexity against fp32
+  PyTorch on held-out text), and the atomic write of the whole folder.
+- int4: the builder's path to onnxruntime's ``MatMulNBitsQuantizer`` (``MatMulNBits``
+  weights, block-wise, RTN by default; ``k_quant`` as an option; symmetric or not; the
+  tied embedding shares the int4 lm_head through ``GatherBlockQuantized``; the last MatMul,
+  lm_head, in int8 by option). The int4 folder is checked to load and generate in
+  onnxruntime-genai and its quality is measured; token equality is not required of it.
+
+The folder: ``model.onnx`` + ``model.onnx.data``, ``genai_config.json``, the tokenizer files
+(``tokenizer.json``, ``tokenizer_config.json``) and ``lora_ext.json`` (this report).
+Inputs ``input_ids`` [batch, seq], ``attention_mask`` [batch, total_seq],
+``past_key_values.%d.key/value`` [batch, kv_heads, past_seq, head_size]; outputs ``logits``
+[batch, seq, vocab] and ``present.%d.key/value``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._io import staging_dir
+from .exporter import VerificationError
+
+# transformers architecture -> genai model type, for the architectures the builder writes and
+# these tests cover (Mistral is Llama's layer with sliding-window config; the builder takes it)
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+QUANTIZE_CHOICES = (None, "int4", "int8")
+INT4_METHODS = ("rtn", "k_quant")
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+    "To make a cup of tea, first",
+)
+LOGITS_RTOL = 1e-4  # step logits: max|onnx - torch| / max|torch|, fp32
+NEAR_TIE = 1e-3  # a divergence is accepted where torch's top-2 gap <= this * max|logits|
+REPORT_NAME = "lora_ext.json"
+
+
+class DecoderExportError(ValueError):
+    """Bad input to export_decoder (the CLI prints it as one line, exit status 2)."""
+
+
+@dataclass
+class PromptCheck:
+    """One prompt's greedy run: ours against PyTorch ``generate(use_cache=True)``."""
+
+    prompt: str
+    tokens: int  # new tokens compared
+    equal: bool  # all equal
+    diverged_at: int | None = None  # step of the first differing token, if any
+    near_tie_gap: float | None = None  # torch's logit gap there, relative to max|logits|
+    max_rel_logits: float = 0.0  # over the compared steps
+    genai_equal: bool | None = None  # onnxruntime-genai's greedy tokens equal ours
+
+
+@dataclass
+class Int4Quality:
+    """Teacher-forced quality on held-out text: the int4 folder against fp32 PyTorch."""
+
+    texts: int
+    tokens: int
+    agreement: float  # argmax next token equal to fp32 PyTorch's, fraction of positions
+    perplexity: float  # the int4 folder's
+    perplexity_fp32: float  # fp32 PyTorch's, same positions
+
+
+@dataclass
+class DecoderReport:
+    """What export_decoder wrote and checked."""
+
+    path: str
+    architecture: str
+    model_type: str
+    precision: str  # fp32 | int4 | int8
+    merged: bool
+    files: list[str] = field(default_factory=list)
+    size_bytes: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    checks: list[PromptCheck] = field(default_factory=list)
+    max_rel_logits: float | None = None
+    quality: Int4Quality | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        lines = [
+            f"{self.path}: {self.architecture} ({self.model_type}), {self.precision}, "
+            f"{self.size_bytes / 1e6:.1f} MB",
+        ]
+        for c in self.checks:
+            if c.equal:
+                what = f"{c.tokens} tokens equal"
+            else:
+                what = f"diverged at token {c.diverged_at} at a near-tie (gap {c.near_tie_gap:.2e})"
+            genai = (
+                ""
+                if c.genai_equal is None
+                else f", genai {'same' if c.genai_equal else 'DIFFERENT'}"
+            )
+            lines.append(
+                f"  {c.prompt[:40]!r}: {what}, step logits max rel {c.max_rel_logits:.2e}{genai}"
+            )
+        if self.quality is not None:
+            q = self.quality
+            lines.append(
+                f"  {self.precision} vs fp32 PyTorch on {q.texts} held-out texts ({q.tokens} "
+                f"tokens): next-token agreement {q.agreement:.1%}, perplexity "
+                f"{q.perplexity:.3f} (fp32 {q.perplexity_fp32:.3f})"
+            )
+        return "\n".join(lines)
+
+
+# -- checks before any work -------------------------------------------------------------
+def check_decoder(model: Any, tokenizer: Any) -> tuple[str, str]:
+    """(architecture, genai model type) of a supported causal LM whose tokenizer fits.
+
+    Raises:
+        DecoderExportError: not a decoder, an unsupported architecture, or a tokenizer whose
+            ids do not fit the model's vocab.
+    """
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if config is None or not hasattr(model, "generate"):
+        raise DecoderExportError(
+            f"model: got a {name}, need a transformers causal LM (...ForCausalLM)"
+        )
+    if getattr(config, "is_encoder_decoder", False) or not (
+        name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+    ):
+        raise DecoderExportError(
+            f"model: got a {name}, which is not a decoder-only causal LM; need a "
+            f"...ForCausalLM ({', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise DecoderExportError(
+            f"model: the architecture {name} is not supported for a genai folder; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if tokenizer is None:
+        raise DecoderExportError("tokenizer: got None, need the model's tokenizer")
+    vocab = int(config.vocab_size)
+    n_tok = len(tokenizer)
+    if n_tok > vocab:
+        raise DecoderExportError(
+            f"tokenizer: has {n_tok} tokens but the model's vocab_size is {vocab}; it is not "
+            "this model's tokenizer"
+        )
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        tid = getattr(tokenizer, attr, None)
+        if tid is not None and not 0 <= int(tid) < vocab:
+            raise DecoderExportError(
+                f"tokenizer: {attr} {tid} is outside the model's vocab (size {vocab})"
+            )
+    return name, SUPPORTED_ARCHITECTURES[name]
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool, arg: str = "out") -> Path:
+    """The output folder, checked: its parent exists and is writable, and it is absent or
+    empty (or ``overwrite``)."""
+    target = Path(out).expanduser().absolute()
+    parent = target.parent
+    if not parent.is_dir():
+        raise DecoderExportError(f"{arg}: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DecoderExportError(f"{arg}: {str(parent)!r} is not writable")
+    if target.exists():
+        if not target.is_dir():
+            raise DecoderExportError(f"{arg}: {str(target)!r} is a file, need a folder path")
+        if any(target.iterdir()) and not overwrite:
+            raise DecoderExportError(
+                f"{arg}: {str(target)!r} exists and is not empty; pass overwrite=True "
+                "(--overwrite) to replace it"
+            )
+    return target
+
+
+# -- the builder -----------------------------------------------------------------------
+def _save_merged(model: Any, tokenizer: Any, hf_dir: Path) -> Any:
+    """Merge the active LoRA adapters on a copy and save it (fp32, safetensors) with the
+    tokenizer. Returns the merged copy (eval mode)."""
+    import torch
+
+    from lora_ext.inject import lora_layers, merge_and_unload
+
+    merged = copy.deepcopy(model).eval()
+    # a GGUF-loaded model (weights already dequantized to float) keeps its gguf quantizer,
+    # which .float() and save_pretrained refuse
+    if getattr(merged, "hf_quantizer", None) is not None:
+        merged.hf_quantizer = None
+    if getattr(merged, "is_quantized", False):
+        merged.is_quantized = False
+    if hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    merged = merged.float()
+    if lora_layers(merged):
+        merge_and_unload(merged)
+    merged.config.dtype = torch.float32
+    merged.save_pretrained(hf_dir, safe_serialization=True)
+    tokenizer.save_pretrained(hf_dir)
+    return merged
+
+
+def _builder_options(
+    precision: str,
+    block_size: int,
+    symmetric: bool,
+    method: str,
+    lm_head_int8: bool,
+    accuracy_level: int,
+) -> dict[str, str]:
+    if precision == "fp32":
+        return {}
+    opts = {
+        "block_size": str(block_size),
+        "is_symmetric": "true" if symmetric else "false",
+        "accuracy_level": str(accuracy_level),
+        "algo_config": "default" if method == "rtn" else method,
+    }
+    if lm_head_int8:
+        opts["matmul_mixed_precision"] = "last_matmul:int8"
+    return opts
+
+
+def run_builder(hf_dir: Path, out_dir: Path, precision: str, options: dict[str, str]) -> str:
+    """onnxruntime-genai's model builder on a saved transformers folder, CPU EP, in process
+    with its console output captured. Returns that output (for errors)."""
+    from onnxruntime_genai.models import builder
+
+    cache = out_dir.parent / (out_dir.name + ".cache")
+    buf = io.StringIO()
+    quiet = [logging.getLogger(n) for n in ("onnxruntime", "onnxruntime.quantization", "")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.WARNING)
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            extra = builder.parse_extra_options(
+                None,
+                str(hf_dir),
+                str(out_dir),
+                precision,
+                "cpu",
+                str(cache),
+                [f"{k}={v}" for k, v in options.items()],
+            )
+            builder.create_model(
+                None, str(hf_dir), str(out_dir), precision, "cpu", str(cache), **extra
+            )
+    except Exception as exc:
+        tail = buf.getvalue().strip().splitlines()[-3:]
+        raise RuntimeError(
+            f"onnxruntime-genai's builder failed: {exc} ({' | '.join(tail)})"
+        ) from exc
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+        shutil.rmtree(cache, ignore_errors=True)
+    return buf.getvalue()
+
+
+# -- verification ---------------------------------------------------------------------
+def torch_greedy(merged: Any, ids: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
+    """PyTorch ``generate(use_cache=True)``, greedy, ``new_tokens`` tokens (EOS does not
+    stop it). Returns (tokens, step logits [new_tokens, vocab] float32)."""
+    import torch
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(
+        max_new_tokens=new_tokens,
+        min_new_tokens=0,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=None,
+        pad_token_id=merged.config.pad_token_id if merged.config.pad_token_id is not None else 0,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    saved = merged.generation_config.eos_token_id
+    merged.generation_config.eos_token_id = None  # else generate falls back to it and stops
+    try:
+        with torch.inference_mode():
+            out = merged.generate(torch.tensor([ids]), generation_config=gen)
+    finally:
+        merged.generation_config.eos_token_id = saved
+    tokens = out.sequences[0, len(ids) :].tolist()
+    logits = torch.stack([s[0] for s in out.logits]).float().numpy()
+    return tokens, logits
+
+
+def compare_greedy(
+    prompt: str, ours: list[int], ours_logits: np.ndarray, ref: list[int], ref_logits: np.ndarray
+) -> PromptCheck:
+    """Token equality with the near-tie rule, and the step logits' relative error over the
+    steps where both runs saw the same prefix."""
+    n = min(len(ours), len(ref))
+    diverged = next((i for i in range(n) if ours[i] != ref[i]), None)
+    upto = n if diverged is None else diverged + 1
+    scale = float(np.abs(ref_logits[:upto]).max())
+    rel = float(np.abs(ours_logits[:upto] - ref_logits[:upto]).max() / scale)
+    check = PromptCheck(prompt, n, diverged is None, diverged, None, rel)
+    if diverged is not None:
+        row = ref_logits[diverged]
+        check.near_tie_gap = float((row[ref[diverged]] - row[ours[diverged]]) / np.abs(row).max())
+    return check
+
+
+def genai_greedy(model: Any, ids: list[int], new_tokens: int) -> list[int]:
+    """onnxruntime-genai's own greedy run with an ``og.Model`` (it stops at EOS, which it
+    returns)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    out: list[int] = []
+    while not gen.is_done() and len(out) < new_tokens:
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def teacher_forced_quality(
+    runner: Any, merged: Any, token_rows: Sequence[Sequence[int]]
+) -> Int4Quality:
+    """Next-token agreement and perplexity of ``runner``'s graph against fp32 PyTorch, on
+    token sequences (each [len] ints, len >= 2), one prefill each."""
+    import torch
+
+    agree = total = 0
+    nll_ours = nll_ref = 0.0
+    for row in token_rows:
+        ids = np.asarray(row, dtype=np.int64)[None]
+        ours = runner.score(ids)[0].astype(np.float64)  # [len, vocab]
+        with torch.inference_mode():
+            ref = merged(torch.from_numpy(ids)).logits[0].double().numpy()
+        target = ids[0, 1:]
+        agree += int((ours[:-1].argmax(-1) == ref[:-1].argmax(-1)).sum())
+        total += len(target)
+        for logits, acc in ((ours, "o"), (ref, "r")):
+            lg = logits[:-1]
+            m = lg.max(-1, keepdims=True)
+            logp = lg - m - np.log(np.exp(lg - m).sum(-1, keepdims=True))
+            nll = float(-logp[np.arange(len(target)), target].sum())
+            if acc == "o":
+                nll_ours += nll
+            else:
+                nll_ref += nll
+    return Int4Quality(
+        texts=len(token_rows),
+        tokens=total,
+        agreement=agree / max(total, 1),
+        perplexity=math.exp(nll_ours / max(total, 1)),
+        perplexity_fp32=math.exp(nll_ref / max(total, 1)),
+    )
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_tokens: int = 128) -> list[list[int]]:
+    """Token ids of each text (at most ``max_tokens``; texts under 2 tokens are dropped)."""
+    rows = []
+    for t in texts:
+        ids = list(tokenizer(t)["input_ids"])[:max_tokens]
+        if len(ids) >= 2:
+            rows.append(ids)
+    return rows
+
+
+# -- the export -----------------------------------------------------------------------
+def folder_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file())
+
+
+def commit_folder(staged: Path, target: Path) -> None:
+    """Move a staged folder to ``target`` by renames on one file system: a reader sees the
+    old folder or the new one. An existing target is moved aside first and removed after."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+    try:
+        os.replace(staged, target)
+    except OSError:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_decoder(
+    model: Any,
+    out: str | os.PathLike,
+    tokenizer: Any,
+    quantize: str | None = None,
+    merge: bool = True,
+    dtype: str = "fp32",
+    block_size: int = 32,
+    symmetric: bool = True,
+    int4_method: str = "rtn",
+    lm_head_int8: bool = False,
+    accuracy_level: int = 4,
+    prompts: Sequence[str] | None = None,
+    new_tokens: int = 32,
+    eval_texts: Sequence[str] | None = None,
+    verify: bool = True,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> DecoderReport:
+    """Write ``model`` (LoRA merged on a copy) as an onnxruntime-genai folder at ``out``.
+
+    Args:
+        model: a transformers causal LM (Llama, Mistral, Qwen2), with or without lora_ext
+            adapters; never changed.
+        out: the folder to write (absent or empty, or ``overwrite``).
+        tokenizer: its tokenizer (saved into the folder).
+        quantize: None (fp32), "int4" or "int8" (weight-only MatMulNBits).
+        merge: must be True (hot-swap decoder folders are not written yet).
+        dtype: "fp32" (fp16 genai folders need a GPU execution provider).
+        block_size, symmetric, int4_method ("rtn" | "k_quant"), lm_head_int8,
+            accuracy_level: the weight-only quantization (int4/int8).
+        prompts: greedy verification prompts (default DEFAULT_PROMPTS); ``new_tokens`` each.
+        eval_texts: held-out texts for the int4/int8 quality report (default: the prompts).
+        verify: compare with PyTorch before writing (fp32: tokens and logits).
+
+    Returns: a DecoderReport (also saved as ``lora_ext.json`` in the folder).
+
+    Raises:
+        DecoderExportError: bad input (nothing is written).
+        VerificationError: the staged folder does not match PyTorch (nothing is written; an
+            earlier folder at ``out`` stays intact).
+    """
+    say = log or (lambda _msg: None)
+    if quantize not in QUANTIZE_CHOICES:
+        raise DecoderExportError(f"quantize: got {quantize!r}, need one of {QUANTIZE_CHOICES}")
+    if dtype not in ("fp32", "fp16"):
+        raise DecoderExportError(f"dtype: got {dtype!r}, need 'fp32'")
+    if dtype == "fp16":
+        if quantize is not None:
+            raise DecoderExportError(
+                f"dtype: fp16 with quantize={quantize!r}; {quantize} weights keep fp32 "
+                "activations on the CPU, drop one of the two"
+            )
+        raise DecoderExportError(
+            "dtype: fp16 genai folders need a GPU execution provider (the builder writes fp16 "
+            "for CUDA/DML only); use fp32 or quantize='int4' for the CPU"
+        )
+    if not merge:
+        raise DecoderExportError(
+            "merge: hot-swap (merge=False) decoder folders are not supported yet; export each "
+            "adapter merged"
+        )
+    if int4_method not in INT4_METHODS:
+        raise DecoderExportError(f"int4_method: got {int4_method!r}, need one of {INT4_METHODS}")
+    if block_size not in (16, 32, 64, 128, 256):
+        raise DecoderExportError(f"block_size: got {block_size}, need 16, 32, 64, 128 or 256")
+    if new_tokens < 1:
+        raise DecoderExportError(f"new_tokens: got {new_tokens}, need >= 1")
+    arch, model_type = check_decoder(model, tokenizer)
+    target = check_output_dir(out, overwrite)
+    precision = quantize or "fp32"
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    options = _builder_options(
+        precision, block_size, symmetric, int4_method, lm_head_int8, accuracy_level
+    )
+    report = DecoderReport(str(target), arch, model_type, precision, merged=True, options=options)
+    from .runner import DecoderRunner
+
+    with staging_dir(target, arg="out") as tmp:
+        t0 = time.perf_counter()
+        say("merging the adapter on a copy and saving it (safetensors)")
+        merged = _save_merged(model, tokenizer, tmp / "hf")
+        t1 = time.perf_counter()
+        say(f"onnxruntime-genai builder: {precision}")
+        staged = tmp / "folder"
+        run_builder(tmp / "hf", staged, precision, options)
+        t2 = time.perf_counter()
+        report.seconds.update(merge_save=t1 - t0, build=t2 - t1)
+        if verify:
+            say(f"verifying against PyTorch generate(use_cache=True): {len(prompts)} prompts")
+            import onnxruntime_genai as og
+
+            runner = DecoderRunner(staged, threads=None)
+            genai_model = og.Model(str(staged))
+            worst = 0.0
+            for prompt in prompts:
+                ids = list(tokenizer(prompt)["input_ids"])
+                if not ids:
+                    raise DecoderExportError(f"prompts: {prompt!r} tokenizes to nothing")
+                ref, ref_logits = torch_greedy(merged, ids, new_tokens)
+                res = runner.generate(
+                    [ids], max_new_tokens=new_tokens, stop_at_eos=False, return_logits=True
+                )
+                check = compare_greedy(prompt, res.tokens[0], res.logits[0], ref, ref_logits)
+                theirs = genai_greedy(genai_model, ids, new_tokens)
+                check.genai_equal = bool(theirs) and theirs == res.tokens[0][: len(theirs)]
+                report.checks.append(check)
+                if precision != "fp32":
+                    if not np.isfinite(res.logits[0]).all():
+                        raise VerificationError(f"{precision} folder: non-finite logits")
+                    continue
+                worst = max(worst, check.max_rel_logits)
+                if check.max_rel_logits > LOGITS_RTOL:
+                    raise VerificationError(
+                        f"verify: step logits differ from PyTorch by {check.max_rel_logits:.2e} "
+                        f"relative on {prompt!r} (need <= {LOGITS_RTOL:g}); nothing written"
+                    )
+                if not check.equal and check.near_tie_gap > NEAR_TIE:
+                    raise VerificationError(
+                        f"verify: greedy tokens differ from PyTorch at token "
+                        f"{check.diverged_at} of {prompt!r}, not at a near-tie (gap "
+                        f"{check.near_tie_gap:.2e} > {NEAR_TIE:g}); nothing written"
+                    )
+                if not check.genai_equal:
+                    raise VerificationError(
+                        f"verify: onnxruntime-genai's greedy tokens differ from our runner's "
+                        f"on {prompt!r}; nothing written"
+                    )
+            report.max_rel_logits = worst if precision == "fp32" else None
+            if precision != "fp32":
+                rows = encode_texts(tokenizer, list(eval_texts or prompts))
+                if not rows:
+                    raise DecoderExportError("eval_texts: no text of 2 tokens or more")
+                say(f"{precision} quality on {len(rows)} held-out texts")
+                report.quality = teacher_forced_quality(runner, merged, rows)
+            del runner, genai_model
+        report.seconds["verify"] = time.perf_counter() - t2
+        files = folder_files(staged)
+        report.files = [p.name for p in files] + [REPORT_NAME]
+        report.size_bytes = sum(p.stat().st_size for p in files)
+        (staged / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        commit_folder(staged, target)
+    say(f"wrote {target}")
+    return report
