@@ -271,13 +271,9 @@ def base_of(model: Any) -> Any:
 
 
 def session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
+    from lora_ext.export.session import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads=threads, inter_op_threads=1)
 
 
 def predict(sess: Any, tokenizer: Any, texts: list[str], batch: int) -> np.ndarray:

@@ -1,31 +1,30 @@
 """export_onnx: a (LoRA-adapted) transformers model to an ONNX file that onnxruntime runs.
 
-The path, in order (nothing is written at the target until every step has passed):
+The export is a pipeline of named stages over one context object (``_Export``), run in the
+order of ``_STAGES`` inside a staging directory next to the target; nothing is written at the
+target until every stage has passed (then ``_io.commit`` moves the files with os.replace):
 
-1. check the arguments and the output directory (exists, writable) before any work;
-2. deep-copy the model (the caller's model is never changed), float32, eval mode; compute
-   the PyTorch reference outputs on the example inputs and on fresh random inputs of other
-   batch and sequence sizes;
-3. merge the LoRA adapters into the copy (``merge_and_unload``), or, with ``merge=False``,
-   turn every adapted layer's A and B into graph inputs (adapter hot-swap, see adapters.py).
-   The copy runs the eager attention implementation (a leaner graph than SDPA's, same
-   outputs). Merged BERT-family attention drops its key bias and folds its value bias
-   into the output projection (exact). A classifier that reads token 0 only (BERT-family
-   ForSequenceClassification) gets its last layer computed for that token alone
-   (lora_ext/export/rewrite.py; exact, checked);
-4. check that every op the model runs has an ONNX form (one forward pass records the ops
-   per module; an op from another library, e.g. a custom CUDA kernel, is named with its
-   module);
-5. torch.onnx.export (the TorchScript exporter: dynamic batch/sequence axes through
-   ``dynamic_axes``, plain MatMul/Gemm/LayerNormalization..., no onnxscript dependency);
-   Reshape targets computed from Shape ops become constants where symbolic shapes allow
-   (lora_ext/export/graph_passes.py);
-6. optional operator fusion (``optimize="bert"``: onnxruntime's transformer optimizer fuses
-   attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm into com.microsoft contrib ops), then
-   optional fp16 conversion or int8 quantization (onnxruntime dynamic, per channel, with
-   activation smoothing calibrated on ``calibration`` inputs, see quantize.py);
-7. save in a temporary directory next to the target (external data above ~2 GB), verify in
-   onnxruntime against the references, optionally write the ORT format, then os.replace.
+- ``_check_arguments``: every argument and the output directory (exists, writable), before
+  any work;
+- ``_copy_model``: a float32 eval-mode deep copy (the caller's model is never changed) and
+  the verification inputs (the example, random inputs of other batch and sequence sizes);
+- ``_reference_outputs``: PyTorch's outputs on them;
+- ``_merge_or_hot_swap``: the LoRA adapters merged into the copy, or (``merge=False``) every
+  adapted layer's A and B turned into graph inputs (adapter hot-swap, see adapters.py);
+- ``_prepare_for_tracing``: exact rewrites: eager attention (a leaner graph than SDPA's),
+  BERT-family key bias dropped and value bias folded, a classifier that reads token 0 only
+  gets its last layer for that token alone (rewrite.py; checked);
+- ``_check_ops``: one forward pass records the ops per module; an op without an ONNX form
+  (e.g. a custom CUDA kernel) is named with its module;
+- ``_trace_to_onnx``: torch.onnx.export (the TorchScript exporter: dynamic batch/sequence
+  axes, plain MatMul/Gemm/LayerNormalization..., no onnxscript dependency); Reshape targets
+  computed from Shape ops become constants (graph_passes.py);
+- ``_fuse``: optional operator fusion (``optimize="bert"``, com.microsoft contrib ops);
+- ``_convert_precision``: optional fp16 conversion or int8 quantization (quantize.py);
+- ``_add_metadata``: hot-swap defaults and the facts the runner reads;
+- ``_save_staged``, ``_verify_in_onnxruntime``, ``_write_ort_format``: saved in the staging
+  directory (external data above ~1.8 GB), verified in onnxruntime against the references,
+  optionally converted to the ORT format.
 """
 
 from __future__ import annotations
@@ -65,6 +64,7 @@ from ._io import (
     staging_dir,
 )
 from .quantize import Int8Summary, quantize_int8, save_ort_format, to_fp16
+from .session import ort_session
 
 logger = logging.getLogger("lora_ext.export")
 
@@ -466,7 +466,79 @@ def _latency_ms(session: Any, feeds: dict[str, np.ndarray], runs: int = 10) -> f
     return float(np.median(times) * 1e3)
 
 
-# -- the export ---------------------------------------------------------------------------
+# -- the export: a pipeline of stages over one context ------------------------------------
+@dataclass
+class _Export:
+    """Everything one export carries from stage to stage: the arguments (checked), then what
+    each stage produces. Stages read and fill it in the order of ``_STAGES``."""
+
+    # arguments, checked by _check_arguments
+    model: nn.Module
+    example: dict[str, torch.Tensor]
+    target: Path
+    dtype: str
+    quantize: str | None
+    verify: bool
+    merge: bool
+    optimize: str | None
+    opset: int
+    output_name: str
+    tol: float | None
+    shapes: list[tuple[int, int]]
+    external_data: bool | None
+    ort_format: bool
+    calib: list[dict[str, np.ndarray]]
+    task: str | None
+    first_token_only: bool | None
+    seed: int
+    say: Callable[[str], None]
+    t_start: float
+    # the staging directory next to the target
+    tmp: Path = Path()
+    # _copy_model, _reference_outputs
+    work: nn.Module | None = None
+    layers: list[tuple[str, LoraLinear]] = field(default_factory=list)
+    cases: list[tuple[str, dict[str, torch.Tensor]]] = field(default_factory=list)
+    refs: list[np.ndarray] = field(default_factory=list)
+    # _merge_or_hot_swap: the hot-swap LoRA inputs (stand-in modules, names, values, axes)
+    lora_modules: list[_adapters.LoraInputLinear] = field(default_factory=list)
+    lora_names: list[str] = field(default_factory=list)
+    lora_values: list[torch.Tensor] = field(default_factory=list)
+    lora_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    # _prepare_for_tracing
+    wrapper: _ExportWrapper | None = None
+    pruned: bool = False
+    # _check_ops
+    recorder: _OpRecorder | None = None
+    out_axes: dict[int, str] = field(default_factory=dict)
+    base_ref: np.ndarray | None = None
+    # _trace_to_onnx and the graph stages
+    raw: Path = Path()
+    graph: onnx.ModelProto | None = None
+    heads: int = 0
+    hidden: int = 0
+    fused_ops: dict[str, int] = field(default_factory=dict)
+    int8_summary: Int8Summary | None = None
+    # _save_staged and after
+    staged_model: Path = Path()
+    staged: list[Path] = field(default_factory=list)
+    report: ExportReport | None = None
+    feeds_all: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.example)
+
+    @property
+    def variant(self) -> str:
+        return self.quantize or self.dtype
+
+    @property
+    def batch_seq(self) -> tuple[int, int]:
+        batch, seq = next(iter(self.example.values())).shape
+        return int(batch), int(seq)
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Mapping[str, torch.Tensor],
@@ -547,8 +619,58 @@ def export_onnx(
         UnsupportedModuleError: a module has no ONNX form (named). VerificationError: the
         file does not match PyTorch (by how much); no file is left at ``path``.
     """
+    ctx = _check_arguments(
+        model,
+        example_inputs,
+        path,
+        dtype=dtype,
+        quantize=quantize,
+        verify=verify,
+        merge=merge,
+        optimize=optimize,
+        opset=opset,
+        output_name=output_name,
+        tolerance=tolerance,
+        verify_shapes=verify_shapes,
+        external_data=external_data,
+        ort_format=ort_format,
+        calibration=calibration,
+        task=task,
+        first_token_only=first_token_only,
+        seed=seed,
+        say=log or logger.info,
+    )
+    with staging_dir(ctx.target) as ctx.tmp:
+        for stage in _STAGES:
+            stage(ctx)
+        written = commit(ctx.staged, ctx.target.parent)
+    return _finish_report(ctx, written)
+
+
+def _check_arguments(
+    model: nn.Module,
+    example_inputs: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    dtype: str,
+    quantize: str | None,
+    verify: bool,
+    merge: bool,
+    optimize: str | None,
+    opset: int,
+    output_name: str,
+    tolerance: float | None,
+    verify_shapes: Sequence[tuple[int, int]] | None,
+    external_data: bool | None,
+    ort_format: bool,
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None,
+    task: str | None,
+    first_token_only: bool | None,
+    seed: int,
+    say: Callable[[str], None],
+) -> _Export:
+    """Every argument checked, and the output directory, before any work."""
     t_start = time.perf_counter()
-    say = log or logger.info
     if dtype not in DTYPES:
         raise ValueError(f"dtype: got {dtype!r}, need one of {DTYPES}")
     if quantize not in QUANTIZE:
@@ -585,267 +707,371 @@ def export_onnx(
         why_not = _rewrite.first_token_reason(model)
         if why_not:
             raise ValueError(f"first_token_only=True: the model does not qualify: {why_not}")
+    return _Export(
+        model=model,
+        example=example,
+        target=target,
+        dtype=dtype,
+        quantize=quantize,
+        verify=verify,
+        merge=merge,
+        optimize=optimize,
+        opset=opset,
+        output_name=output_name,
+        tol=tol,
+        shapes=shapes,
+        external_data=external_data,
+        ort_format=ort_format,
+        calib=calib,
+        task=task,
+        first_token_only=first_token_only,
+        seed=seed,
+        say=say,
+        t_start=t_start,
+    )
 
-    with staging_dir(target) as tmp:
-        # -- 2. copy, references ------------------------------------------------------
-        say(f"copying the model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
-        work = copy.deepcopy(model)
-        # nn.Module's own cpu()/float(): transformers refuses .float() on models it loaded
-        # from a quantized file (GGUF), although their weights are plain float tensors here
-        nn.Module.float(nn.Module.cpu(work)).eval()
-        layers = _adapters.lora_layers(work)
-        names = list(example)
-        gen = torch.Generator().manual_seed(seed)
-        cases = [("example", example)] + [
-            ("random", _random_inputs(example, work, b, s, gen)) for b, s in shapes
-        ]
-        refs: list[np.ndarray] = []
-        if verify:
-            say(f"PyTorch reference outputs on {len(cases)} input sets")
-            if not merge:
-                for _, layer in layers:
-                    if layer.merged_adapters:  # the base export needs the unmerged weights
-                        layer.unmerge()
-            with torch.no_grad():
-                for _, inputs in cases:
-                    refs.append(_ExportWrapper(work, names, [])(*inputs.values()).numpy())
 
-        # -- 3. merge or hot-swap ----------------------------------------------------
-        lora_modules: list[_adapters.LoraInputLinear] = []
-        lora_names: list[str] = []
-        lora_values: list[torch.Tensor] = []
-        lora_axes: dict[str, dict[int, str]] = {}
-        if merge:
-            if layers:
-                from lora_ext.inject import merge_and_unload
+def _copy_model(ctx: _Export) -> None:
+    """A float32 eval-mode deep copy (the caller's model is never changed), its LoRA layers,
+    and the verification inputs: the example, then random inputs of other shapes."""
+    model = ctx.model
+    ctx.say(f"copying the model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params)")
+    work = copy.deepcopy(model)
+    # nn.Module's own cpu()/float(): transformers refuses .float() on models it loaded
+    # from a quantized file (GGUF), although their weights are plain float tensors here
+    nn.Module.float(nn.Module.cpu(work)).eval()
+    ctx.work = work
+    ctx.layers = _adapters.lora_layers(work)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    ctx.cases = [("example", ctx.example)] + [
+        ("random", _random_inputs(ctx.example, work, b, s, gen)) for b, s in ctx.shapes
+    ]
 
-                say(f"merging {len(layers)} LoRA layers into the copy")
-                merge_and_unload(work)
-        else:
-            if not layers:
-                raise ValueError(
-                    "merge=False: the model has no LoRA layers; the hot-swap export turns "
-                    "each adapted layer's A and B into graph inputs (inject_ or load_adapter "
-                    "first), or use merge=True for a plain model"
-                )
-            say(f"hot-swap: {len(layers)} LoRA layers become graph inputs")
-            for layer_name, layer in layers:
-                if layer.merged_adapters:
-                    layer.unmerge()
-                a, b = _adapters.layer_tensors(layer)
-                stand_in = _adapters.LoraInputLinear(layer.base_layer)
-                _set_submodule(work, layer_name, stand_in)
-                lora_modules.append(stand_in)
-                name_a, name_b = _adapters.input_names(layer_name)
-                lora_names += [name_a, name_b]
-                lora_values += [a, b]
-                lora_axes[name_a] = {1: _adapters.LORA_R}
-                lora_axes[name_b] = {0: _adapters.LORA_R}
-        _check_modules(work)
-        # always: SDPA's traced graph carries a NaN guard (IsNaN + Where over every
-        # attention-probability tensor) and a longer mask construction, ~10% of MiniLM's
-        # onnxruntime time on CPU, and the BERT fusion patterns match only the eager graph
-        _use_eager_attention(work, say)
-        wrapper = _ExportWrapper(work, names, lora_modules).eval()
-        args = tuple(example.values()) + tuple(lora_values)
-        # (not before optimize="bert": its attention fusion matches the graph with the biases)
-        if merge and optimize is None:
-            folded = _rewrite.fold_attention_biases(work)
-            if folded:
-                say(f"attention biases: key bias dropped, value bias folded ({folded} layers)")
-        pruned = False
-        if first_token_only is not False:
-            why_not = _rewrite.prune_to_first_token(
-                work,
-                [inputs for _, inputs in cases],
-                lambda _m, inputs, run=wrapper: run(*inputs.values(), *lora_values),
+
+def _reference_outputs(ctx: _Export) -> None:
+    """PyTorch's outputs on every verification input, from the unmerged copy."""
+    if not ctx.verify:
+        return
+    ctx.say(f"PyTorch reference outputs on {len(ctx.cases)} input sets")
+    if not ctx.merge:
+        for _, layer in ctx.layers:
+            if layer.merged_adapters:  # the base export needs the unmerged weights
+                layer.unmerge()
+    with torch.no_grad():
+        for _, inputs in ctx.cases:
+            ctx.refs.append(_ExportWrapper(ctx.work, ctx.names, [])(*inputs.values()).numpy())
+
+
+def _merge_or_hot_swap(ctx: _Export) -> None:
+    """Fold the adapters into the copy's weights, or (merge=False) replace every adapted
+    layer by a stand-in whose A' and B' become graph inputs."""
+    work = ctx.work
+    if ctx.merge:
+        if ctx.layers:
+            from lora_ext.inject import merge_and_unload
+
+            ctx.say(f"merging {len(ctx.layers)} LoRA layers into the copy")
+            merge_and_unload(work)
+    else:
+        if not ctx.layers:
+            raise ValueError(
+                "merge=False: the model has no LoRA layers; the hot-swap export turns "
+                "each adapted layer's A and B into graph inputs (inject_ or load_adapter "
+                "first), or use merge=True for a plain model"
             )
-            pruned = why_not is None
-            if pruned:
-                say("last layer: token 0 only (the classifier reads nothing else)")
-            elif first_token_only:
-                raise ValueError(f"first_token_only=True: {why_not}")
+        ctx.say(f"hot-swap: {len(ctx.layers)} LoRA layers become graph inputs")
+        for layer_name, layer in ctx.layers:
+            if layer.merged_adapters:
+                layer.unmerge()
+            a, b = _adapters.layer_tensors(layer)
+            stand_in = _adapters.LoraInputLinear(layer.base_layer)
+            _set_submodule(work, layer_name, stand_in)
+            ctx.lora_modules.append(stand_in)
+            name_a, name_b = _adapters.input_names(layer_name)
+            ctx.lora_names += [name_a, name_b]
+            ctx.lora_values += [a, b]
+            ctx.lora_axes[name_a] = {1: _adapters.LORA_R}
+            ctx.lora_axes[name_b] = {0: _adapters.LORA_R}
+    _check_modules(work)
 
-        # -- 4. every op has an ONNX form ------------------------------------------
-        recorder = _OpRecorder(work)
-        with torch.no_grad():
-            out = recorder.run(wrapper, *args)
-        bad = recorder.unsupported()
-        if bad:
-            op, mod, cls = bad[0]
-            raise UnsupportedModuleError(
-                f"module {mod!r} ({cls}) calls {op}, which has no ONNX form; "
-                + (
-                    f"{len(bad) - 1} more such op(s): {[b[0] for b in bad[1:]]}; "
-                    if len(bad) > 1
-                    else ""
-                )
-                + "replace the module with plain PyTorch ops before exporting"
-            )
-        out_axes = {0: "batch", 1: "sequence"} if out.dim() == 3 else {0: "batch"}
-        base_ref = None
-        if verify and lora_names:
-            # the base model's output (adapters off) through the same stand-ins, rank 0
-            zeros = tuple(
-                torch.zeros(*(0 if i == d else n for i, n in enumerate(v.shape)))
-                for v, d in zip(lora_values, [1, 0] * len(lora_modules))
-            )
-            with torch.no_grad():
-                base_ref = wrapper(*example.values(), *zeros).numpy()
 
-        # -- 5. torch.onnx.export --------------------------------------------------
-        raw = tmp / "torch_export" / "model.onnx"
-        raw.parent.mkdir()
-        say(f"torch.onnx.export (opset {opset}) of inputs {names} -> {output_name!r}")
-        dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in names}
-        dynamic_axes[output_name] = out_axes
-        dynamic_axes.update(lora_axes)
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # TracerWarnings, the exporter's deprecation
-                torch.onnx.export(
-                    wrapper,
-                    args,
-                    str(raw),
-                    dynamo=False,
-                    input_names=names + lora_names,
-                    output_names=[output_name],
-                    dynamic_axes=dynamic_axes,
-                    opset_version=opset,
-                    do_constant_folding=True,
-                )
-        except Exception as exc:
-            where = recorder.module_of(str(exc))
-            raise UnsupportedModuleError(
-                f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}"
-                + (f" ({where})" if where else "")
-            ) from exc
-        graph = onnx.load(str(raw))
-        foreign = sorted({n.domain for n in graph.graph.node if n.domain not in ("", "ai.onnx")})
-        if foreign:
-            node = next(n for n in graph.graph.node if n.domain in foreign)
-            raise UnsupportedModuleError(
-                f"the exported graph has ops outside standard ONNX (domain {foreign}), e.g. "
-                f"node {node.name!r} ({node.op_type})"
-            )
-        constant_shapes = 0
-        if optimize is None:  # the fusion patterns match the exporter's shape arithmetic
-            graph, constant_shapes = _graph_passes.constant_reshapes(graph)
-        if constant_shapes:
-            say(f"{constant_shapes} Reshape targets made constant (shape arithmetic removed)")
-        heads, hidden = _attention_shape(work)
-        del work, wrapper
-
-        # -- 6. fusion, fp16 / int8 ------------------------------------------------
-        fused_ops: dict[str, int] = {}
-        if optimize == "bert":
-            say(f"fusing with onnxruntime's transformer optimizer (bert, {heads} heads)")
-            # int8 keeps the embedding lookups as Gathers: quantize_int8 gives their tables
-            # one scale per column, onnxruntime's EmbedLayerNormalization quantization one
-            # per table (3x the logit error on MiniLM)
-            graph, fused_ops = _optimize_bert(raw, heads, hidden, embed_layer_norm=quantize is None)
-            if not fused_ops.get("Attention"):
-                # still correct (verify below), but the main speed-up is missing
-                logger.warning(
-                    "optimize='bert': no Attention was fused (fused: %s); the graph's "
-                    "attention does not match onnxruntime's BERT patterns",
-                    fused_ops or "nothing",
-                )
-        if dtype == "fp16":
-            say("converting weights and activations to fp16")
-            graph = to_fp16(graph)
-        int8_summary = None
-        if quantize == "int8":
-            say(
-                "int8 dynamic quantization (per channel, onnxruntime)"
-                + (f", smoothing calibrated on {len(calib)} run(s)" if calib else "")
-            )
-            lora_set = set(lora_names)
-            skip = [n.name for n in graph.graph.node if lora_set.intersection(n.input)]
-            big = initializer_bytes(graph) > EXTERNAL_DATA_THRESHOLD
-            lora_feeds = {n: v.numpy() for n, v in zip(lora_names, lora_values)}
-            graph, int8_summary = quantize_int8(
-                graph,
-                tmp,
-                exclude_nodes=skip,
-                external_data=big,
-                calibration=[feed | lora_feeds for feed in calib] if calib else None,
-            )
-            say(int8_summary.line())
-        if lora_names:
-            _add_rank0_defaults(graph, lora_names, lora_values)
-        _set_metadata(graph, model, variant, merge, len(layers), task, lora_names, optimize, pruned)
-
-        # -- 7. save, verify, commit -----------------------------------------------
-        staged_model = tmp / target.name
-        staged, used_external = save_model(graph, staged_model, external_data)
-        del graph
-        report = ExportReport(
-            path=target,
-            files=[],
-            size_bytes=file_size(staged),
-            dtype=dtype,
-            quantize=quantize,
-            opset=opset,
-            input_names=names,
-            output_names=[output_name],
-            lora_inputs=lora_names,
-            optimize=optimize,
-            first_token_only=pruned,
-            fused_ops=fused_ops,
-            int8=int8_summary.to_dict() if int8_summary else {},
-            merged_layers=len(layers) if merge else 0,
-            external_data=used_external,
-            tolerance=tol,
+def _prepare_for_tracing(ctx: _Export) -> None:
+    """Exact rewrites of the copy: eager attention, attention biases folded, a classifier's
+    last layer for token 0 only."""
+    work = ctx.work
+    # always: SDPA's traced graph carries a NaN guard (IsNaN + Where over every
+    # attention-probability tensor) and a longer mask construction, ~10% of MiniLM's
+    # onnxruntime time on CPU, and the BERT fusion patterns match only the eager graph
+    _use_eager_attention(work, ctx.say)
+    ctx.wrapper = _ExportWrapper(work, ctx.names, ctx.lora_modules).eval()
+    # (not before optimize="bert": its attention fusion matches the graph with the biases)
+    if ctx.merge and ctx.optimize is None:
+        folded = _rewrite.fold_attention_biases(work)
+        if folded:
+            ctx.say(f"attention biases: key bias dropped, value bias folded ({folded} layers)")
+    if ctx.first_token_only is not False:
+        lora_values = ctx.lora_values
+        why_not = _rewrite.prune_to_first_token(
+            work,
+            [inputs for _, inputs in ctx.cases],
+            lambda _m, inputs, run=ctx.wrapper: run(*inputs.values(), *lora_values),
         )
-        adapter_staged = None
-        if lora_names and any(v.shape[0] * v.shape[1] for v in lora_values):
-            adapter_staged = tmp / (target.stem + _adapters.ADAPTER_SUFFIX)
-            _adapters.write_adapter_file(
-                {n: v.numpy() for n, v in zip(lora_names, lora_values) if v.numel()},
-                adapter_staged,
+        ctx.pruned = why_not is None
+        if ctx.pruned:
+            ctx.say("last layer: token 0 only (the classifier reads nothing else)")
+        elif ctx.first_token_only:
+            raise ValueError(f"first_token_only=True: {why_not}")
+
+
+def _trace_args(ctx: _Export) -> tuple[torch.Tensor, ...]:
+    return tuple(ctx.example.values()) + tuple(ctx.lora_values)
+
+
+def _check_ops(ctx: _Export) -> None:
+    """One forward pass records the op each module runs: an op outside aten/prim (a custom
+    C++/CUDA kernel) has no ONNX form and is named with its module. Also the output's
+    dynamic axes and, for hot-swap, the base model's output (adapters of rank 0)."""
+    ctx.recorder = _OpRecorder(ctx.work)
+    with torch.no_grad():
+        out = ctx.recorder.run(ctx.wrapper, *_trace_args(ctx))
+    bad = ctx.recorder.unsupported()
+    if bad:
+        op, mod, cls = bad[0]
+        raise UnsupportedModuleError(
+            f"module {mod!r} ({cls}) calls {op}, which has no ONNX form; "
+            + (
+                f"{len(bad) - 1} more such op(s): {[b[0] for b in bad[1:]]}; "
+                if len(bad) > 1
+                else ""
             )
-            staged.insert(0, adapter_staged)
+            + "replace the module with plain PyTorch ops before exporting"
+        )
+    ctx.out_axes = {0: "batch", 1: "sequence"} if out.dim() == 3 else {0: "batch"}
+    if ctx.verify and ctx.lora_names:
+        # the base model's output (adapters off) through the same stand-ins, rank 0
+        zeros = tuple(
+            torch.zeros(*(0 if i == d else n for i, n in enumerate(v.shape)))
+            for v, d in zip(ctx.lora_values, [1, 0] * len(ctx.lora_modules))
+        )
+        with torch.no_grad():
+            ctx.base_ref = ctx.wrapper(*ctx.example.values(), *zeros).numpy()
 
-        if verify:
-            say("verifying in onnxruntime (CPU)")
-            session = _session(staged_model)
-            feeds_all = [
-                {k: v.numpy() for k, v in inputs.items()}
-                | {n: v.numpy() for n, v in zip(lora_names, lora_values)}
-                for _, inputs in cases
-            ]
-            for (kind, inputs), feeds, ref in zip(cases, feeds_all, refs):
-                got = session.run([output_name], feeds)[0]
-                shape = tuple(next(iter(inputs.values())).shape)
-                report.checks.append(_compare(kind, shape, got, ref))
-            if lora_names:
-                # the rank-0 defaults: a run fed no adapter inputs is the base model
-                got = session.run([output_name], {k: feeds_all[0][k] for k in names})[0]
-                report.checks.append(_compare("base (no adapter)", (batch, seq), got, base_ref))
-            report.ort_latency_ms = _latency_ms(session, feeds_all[0])
-            del session
-            _enforce(report, tol, target)
 
-        if ort_format:
-            ort_staged = tmp / (target.stem + ".ort")
-            say("writing the ORT format")
-            save_ort_format(staged_model, ort_staged)
-            if verify:
-                session = _session(ort_staged)
-                got = session.run([output_name], feeds_all[0])[0]
-                report.checks.append(_compare("ort format", (batch, seq), got, refs[0]))
-                del session
-                _enforce(report, tol, target)
-            staged.insert(0, ort_staged)
+def _trace_to_onnx(ctx: _Export) -> None:
+    """torch.onnx.export (TorchScript exporter, dynamic batch/sequence axes); standard ONNX
+    domains only; Reshape targets computed from Shape ops become constants where symbolic
+    shapes allow."""
+    names = ctx.names
+    ctx.raw = ctx.tmp / "torch_export" / "model.onnx"
+    ctx.raw.parent.mkdir()
+    ctx.say(f"torch.onnx.export (opset {ctx.opset}) of inputs {names} -> {ctx.output_name!r}")
+    dynamic_axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    dynamic_axes[ctx.output_name] = ctx.out_axes
+    dynamic_axes.update(ctx.lora_axes)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # TracerWarnings, the exporter's deprecation
+            torch.onnx.export(
+                ctx.wrapper,
+                _trace_args(ctx),
+                str(ctx.raw),
+                dynamo=False,
+                input_names=names + ctx.lora_names,
+                output_names=[ctx.output_name],
+                dynamic_axes=dynamic_axes,
+                opset_version=ctx.opset,
+                do_constant_folding=True,
+            )
+    except Exception as exc:
+        where = ctx.recorder.module_of(str(exc))
+        raise UnsupportedModuleError(
+            f"torch.onnx.export failed: {str(exc).strip().splitlines()[0]}"
+            + (f" ({where})" if where else "")
+        ) from exc
+    graph = onnx.load(str(ctx.raw))
+    foreign = sorted({n.domain for n in graph.graph.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        node = next(n for n in graph.graph.node if n.domain in foreign)
+        raise UnsupportedModuleError(
+            f"the exported graph has ops outside standard ONNX (domain {foreign}), e.g. "
+            f"node {node.name!r} ({node.op_type})"
+        )
+    constant_shapes = 0
+    if ctx.optimize is None:  # the fusion patterns match the exporter's shape arithmetic
+        graph, constant_shapes = _graph_passes.constant_reshapes(graph)
+    if constant_shapes:
+        ctx.say(f"{constant_shapes} Reshape targets made constant (shape arithmetic removed)")
+    ctx.graph = graph
+    ctx.heads, ctx.hidden = _attention_shape(ctx.work)
+    ctx.work = ctx.wrapper = None  # the PyTorch copy is no longer needed
 
-        written = commit(staged, target.parent)
+
+def _fuse(ctx: _Export) -> None:
+    """optimize="bert": onnxruntime's transformer optimizer fuses attention, SkipLayerNorm,
+    BiasGelu (and EmbedLayerNorm unless int8 follows) into com.microsoft contrib ops."""
+    if ctx.optimize != "bert":
+        return
+    ctx.say(f"fusing with onnxruntime's transformer optimizer (bert, {ctx.heads} heads)")
+    # int8 keeps the embedding lookups as Gathers: quantize_int8 gives their tables
+    # one scale per column, onnxruntime's EmbedLayerNormalization quantization one
+    # per table (3x the logit error on MiniLM)
+    ctx.graph, ctx.fused_ops = _optimize_bert(
+        ctx.raw, ctx.heads, ctx.hidden, embed_layer_norm=ctx.quantize is None
+    )
+    if not ctx.fused_ops.get("Attention"):
+        # still correct (verify below), but the main speed-up is missing
+        logger.warning(
+            "optimize='bert': no Attention was fused (fused: %s); the graph's "
+            "attention does not match onnxruntime's BERT patterns",
+            ctx.fused_ops or "nothing",
+        )
+
+
+def _convert_precision(ctx: _Export) -> None:
+    """fp16 weights and activations, or int8 quantization (smoothing calibrated on
+    ``calibration``, see quantize.py); hot-swap LoRA MatMuls stay float."""
+    if ctx.dtype == "fp16":
+        ctx.say("converting weights and activations to fp16")
+        ctx.graph = to_fp16(ctx.graph)
+    if ctx.quantize != "int8":
+        return
+    calib = ctx.calib
+    ctx.say(
+        "int8 dynamic quantization (per channel, onnxruntime)"
+        + (f", smoothing calibrated on {len(calib)} run(s)" if calib else "")
+    )
+    lora_set = set(ctx.lora_names)
+    skip = [n.name for n in ctx.graph.graph.node if lora_set.intersection(n.input)]
+    big = initializer_bytes(ctx.graph) > EXTERNAL_DATA_THRESHOLD
+    lora_feeds = {n: v.numpy() for n, v in zip(ctx.lora_names, ctx.lora_values)}
+    ctx.graph, ctx.int8_summary = quantize_int8(
+        ctx.graph,
+        ctx.tmp,
+        exclude_nodes=skip,
+        external_data=big,
+        calibration=[feed | lora_feeds for feed in calib] if calib else None,
+    )
+    ctx.say(ctx.int8_summary.line())
+
+
+def _add_metadata(ctx: _Export) -> None:
+    """Rank-0 defaults of the hot-swap inputs, and the facts the runner reads."""
+    if ctx.lora_names:
+        _add_rank0_defaults(ctx.graph, ctx.lora_names, ctx.lora_values)
+    _set_metadata(
+        ctx.graph,
+        ctx.model,
+        ctx.variant,
+        ctx.merge,
+        len(ctx.layers),
+        ctx.task,
+        ctx.lora_names,
+        ctx.optimize,
+        ctx.pruned,
+    )
+
+
+def _save_staged(ctx: _Export) -> None:
+    """The model (and a hot-swap export's adapter file) saved in the staging directory; the
+    report started."""
+    ctx.staged_model = ctx.tmp / ctx.target.name
+    ctx.staged, used_external = save_model(ctx.graph, ctx.staged_model, ctx.external_data)
+    ctx.graph = None
+    ctx.report = ExportReport(
+        path=ctx.target,
+        files=[],
+        size_bytes=file_size(ctx.staged),
+        dtype=ctx.dtype,
+        quantize=ctx.quantize,
+        opset=ctx.opset,
+        input_names=ctx.names,
+        output_names=[ctx.output_name],
+        lora_inputs=ctx.lora_names,
+        optimize=ctx.optimize,
+        first_token_only=ctx.pruned,
+        fused_ops=ctx.fused_ops,
+        int8=ctx.int8_summary.to_dict() if ctx.int8_summary else {},
+        merged_layers=len(ctx.layers) if ctx.merge else 0,
+        external_data=used_external,
+        tolerance=ctx.tol,
+    )
+    if ctx.lora_names and any(v.shape[0] * v.shape[1] for v in ctx.lora_values):
+        adapter_staged = ctx.tmp / (ctx.target.stem + _adapters.ADAPTER_SUFFIX)
+        _adapters.write_adapter_file(
+            {n: v.numpy() for n, v in zip(ctx.lora_names, ctx.lora_values) if v.numel()},
+            adapter_staged,
+        )
+        ctx.staged.insert(0, adapter_staged)
+
+
+def _verify_in_onnxruntime(ctx: _Export) -> None:
+    """The staged file in onnxruntime (CPU) on every verification input against PyTorch,
+    the base model through the rank-0 defaults (hot-swap), and a latency figure; over the
+    tolerance raises VerificationError (nothing is written)."""
+    if not ctx.verify:
+        return
+    ctx.say("verifying in onnxruntime (CPU)")
+    report, names = ctx.report, ctx.names
+    session = ort_session(ctx.staged_model)
+    lora_feeds = {n: v.numpy() for n, v in zip(ctx.lora_names, ctx.lora_values)}
+    ctx.feeds_all = [
+        {k: v.numpy() for k, v in inputs.items()} | lora_feeds for _, inputs in ctx.cases
+    ]
+    for (kind, inputs), feeds, ref in zip(ctx.cases, ctx.feeds_all, ctx.refs):
+        got = session.run([ctx.output_name], feeds)[0]
+        shape = tuple(next(iter(inputs.values())).shape)
+        report.checks.append(_compare(kind, shape, got, ref))
+    if ctx.lora_names:
+        # the rank-0 defaults: a run fed no adapter inputs is the base model
+        got = session.run([ctx.output_name], {k: ctx.feeds_all[0][k] for k in names})[0]
+        report.checks.append(_compare("base (no adapter)", ctx.batch_seq, got, ctx.base_ref))
+    report.ort_latency_ms = _latency_ms(session, ctx.feeds_all[0])
+    del session
+    _enforce(report, ctx.tol, ctx.target)
+
+
+def _write_ort_format(ctx: _Export) -> None:
+    """ort_format=True: <stem>.ort next to the model, verified like the model."""
+    if not ctx.ort_format:
+        return
+    ort_staged = ctx.tmp / (ctx.target.stem + ".ort")
+    ctx.say("writing the ORT format")
+    save_ort_format(ctx.staged_model, ort_staged)
+    if ctx.verify:
+        session = ort_session(ort_staged)
+        got = session.run([ctx.output_name], ctx.feeds_all[0])[0]
+        ctx.report.checks.append(_compare("ort format", ctx.batch_seq, got, ctx.refs[0]))
+        del session
+        _enforce(ctx.report, ctx.tol, ctx.target)
+    ctx.staged.insert(0, ort_staged)
+
+
+# the order of the work; nothing is written at the target until every stage has passed
+_STAGES: tuple[Callable[[_Export], None], ...] = (
+    _copy_model,
+    _reference_outputs,
+    _merge_or_hot_swap,
+    _prepare_for_tracing,
+    _check_ops,
+    _trace_to_onnx,
+    _fuse,
+    _convert_precision,
+    _add_metadata,
+    _save_staged,
+    _verify_in_onnxruntime,
+    _write_ort_format,
+)
+
+
+def _finish_report(ctx: _Export, written: list[Path]) -> ExportReport:
+    """The report with the files as committed."""
+    report = ctx.report
     report.files = written
     report.size_bytes = file_size([p for p in written if p.suffix not in (".ort", ".onnx_adapter")])
     report.adapter_path = next((p for p in written if p.suffix == ".onnx_adapter"), None)
     report.ort_path = next((p for p in written if p.suffix == ".ort"), None)
-    report.export_seconds = time.perf_counter() - t_start
-    say(f"wrote {target} ({report.size_bytes / 1e6:.1f} MB)")
+    report.export_seconds = time.perf_counter() - ctx.t_start
+    ctx.say(f"wrote {ctx.target} ({report.size_bytes / 1e6:.1f} MB)")
     return report
 
 
@@ -859,14 +1085,6 @@ def _enforce(report: ExportReport, tol: float | None, target: Path) -> None:
             f"{worst.max_abs:.3e}) > tolerance {tol:.1e} on {worst.inputs} inputs, batch "
             f"{worst.batch} x seq {worst.seq}; nothing was written to {target}"
         )
-
-
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _use_eager_attention(model: nn.Module, say: Callable[[str], None]) -> None:

@@ -38,6 +38,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ._io import save_model
+from .session import ort_session
 
 logger = logging.getLogger("lora_ext.export")
 
@@ -192,8 +193,6 @@ def _calibrate(
     rows: int = SMOOTH_ROWS,
 ) -> dict[str, _Calib]:
     """Run the float graph on ``feeds`` with ``names`` as extra outputs (onnxruntime, CPU)."""
-    import onnxruntime as ort
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     declared = {o.name for o in probe.graph.output}
@@ -203,9 +202,7 @@ def _calibrate(
     path = workdir / "int8_calibration.onnx"
     save_model(probe, path, external_data)
     del probe
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     per_run = max(1, -(-rows // max(len(feeds), 1)))
     rng = np.random.default_rng(0)
     acc: dict[str, tuple[list, list, list, list]] = {name: ([], [], [], []) for name in names}
@@ -439,13 +436,6 @@ def save_ort_format(model_path: Path, ort_path: Path) -> None:
     """Convert a saved .onnx file to the ORT format (flatbuffer) that onnxruntime's mobile /
     minimal builds load. Basic (platform-independent) graph optimisations only, as
     onnxruntime's own converter does by default, so the file runs on any CPU."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # hot-swap LoRA inputs with defaults warn by design
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(ort_path)
-    options.add_session_config_entry("session.save_model_format", "ORT")
-    ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    ort_session(model_path, save_ort_to=ort_path)
     if not ort_path.is_file():
         raise RuntimeError(f"onnxruntime did not write the ORT format file {ort_path}")

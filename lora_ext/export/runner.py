@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 
 from .adapters import ADAPTER_SUFFIX, read_onnx_adapter
+from .session import default_providers, ort_session
+
+__all__ = ["OnnxRunner", "RunnerOutput", "default_providers"]
 
 
 @dataclass
@@ -30,14 +33,6 @@ class RunnerOutput:
 
     logits: np.ndarray
     labels: list[Any]
-
-
-def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, CPU always."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 class OnnxRunner:
@@ -66,14 +61,8 @@ class OnnxRunner:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"path: {str(self.path)!r} does not exist")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads: got {threads}, need >= 1")
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(self.path), options, providers=list(providers or default_providers())
+        self.session = ort_session(
+            self.path, providers=list(providers) if providers else None, threads=threads
         )
         meta = self.session.get_modelmeta().custom_metadata_map
         self.task: str | None = meta.get("lora_ext.task")
