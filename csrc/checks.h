@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 
@@ -28,10 +29,15 @@ inline void check_floating(const at::Tensor& t, const char* name) {
              t.scalar_type());
 }
 
-inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                       const char* ref_name) {
+inline void check_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                         const char* ref_name) {
   LORA_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ",
              ref.device(), ": all tensors must be on one device");
+}
+
+inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  check_device(t, name, ref, ref_name);
   LORA_CHECK(t.scalar_type() == ref.scalar_type(), name, " has dtype ", t.scalar_type(), " but ",
              ref_name, " has dtype ", ref.scalar_type(),
              ": cast them to one dtype (the LoRA layer does this)");
@@ -66,6 +72,11 @@ inline LinearShapes check_linear_args(const at::Tensor& x, const at::Tensor& wei
                                       const std::optional<at::Tensor>& bias,
                                       const at::Tensor& lora_a, const at::Tensor& lora_b,
                                       double scale, double dropout_p) {
+  // devices first: a kernel for the wrong device (and its device guard) must never start
+  check_device(weight, "weight", x, "x");
+  check_device(lora_a, "lora_a", x, "x");
+  check_device(lora_b, "lora_b", x, "x");
+  if (bias.has_value() && bias->defined()) check_device(*bias, "bias", x, "x");
   LORA_CHECK(x.dim() >= 1, "x must have shape [..., in_features], got a 0-d tensor");
   check_floating(x, "x");
   LORA_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got shape ",
@@ -95,10 +106,20 @@ inline LinearShapes check_linear_args(const at::Tensor& x, const at::Tensor& wei
   return LinearShapes{n, in, out, r};
 }
 
+// Whether b may read memory that a writes: same storage and not provably disjoint.
+inline bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage()) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  return at::get_overlap_status(a, b) != at::MemOverlapStatus::No;
+}
+
 // weight [out, in] (any strides), lora_a [r, in], lora_b [out, r]; A and B may have another
 // floating dtype than weight (adapters are often kept in float32 over a bfloat16 base).
 inline void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
                              const at::Tensor& lora_b, double scale) {
+  LORA_CHECK(lora_a.device() == weight.device() && lora_b.device() == weight.device(),
+             "weight, lora_a and lora_b must be on one device, got ", weight.device(), ", ",
+             lora_a.device(), " and ", lora_b.device());
   LORA_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got shape ",
              weight.sizes());
   LORA_CHECK(lora_a.dim() == 2 && lora_b.dim() == 2,
@@ -114,9 +135,15 @@ inline void check_merge_args(const at::Tensor& weight, const at::Tensor& lora_a,
   LORA_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b must have shape [", out, ", ", r,
              "] to match weight ", weight.sizes(), " and lora_a ", lora_a.sizes(), ", got ",
              lora_b.sizes());
-  LORA_CHECK(lora_a.device() == weight.device() && lora_b.device() == weight.device(),
-             "weight, lora_a and lora_b must be on one device, got ", weight.device(), ", ",
-             lora_a.device(), " and ", lora_b.device());
+  // in place: as PyTorch's own in-place ops, refuse a weight whose elements share memory
+  // (row.expand(3, 4): every row would be updated three times) or factors that alias it
+  LORA_CHECK(at::has_internal_overlap(weight) != at::MemOverlap::Yes,
+             "weight has elements that share memory (strides ", weight.strides(),
+             ", e.g. an expanded tensor): merge_ writes each element once; pass .contiguous()");
+  LORA_CHECK(!shares_memory(weight, lora_a),
+             "lora_a shares memory with weight: merge_ would read it while writing weight");
+  LORA_CHECK(!shares_memory(weight, lora_b),
+             "lora_b shares memory with weight: merge_ would read it while writing weight");
   check_scale(scale);
 }
 

@@ -3,8 +3,11 @@
 // LoRA branch comes from a `Kernels` policy (csrc/cpu/lora_linear_cpu.cpp,
 // csrc/cuda/lora_linear_cuda.cu):
 //
+//   Guard: constructed from x's device after all checks (c10::cuda::CUDAGuard on the GPU)
+//   kUpcastHalf: float16 runs in float32 (the CPU, where float16 GEMMs are no faster)
 //   static std::tuple<at::Tensor, at::Tensor> lora_forward(x2, bias, lora_a, lora_b, scale, drop);
-//       xa = drop(x2) @ A^T [n, r];  y = bias + scale * xa @ B^T [n, out]
+//       xa = drop(x2) @ A^T [n, r];  y = bias + scale * xa @ B^T [n, out], in x's dtype or in
+//       float32 (then the caller adds x W^T in float32 and rounds once)
 //   static void lora_backward(dy, x2, xa2, lora_a, lora_b, scale, drop, grad_x*, grad_a*, grad_b*);
 //       g = scale * dY @ B (once);  grad_x += mask * (g @ A) / (1 - p)  (grad_x holds dY W), or
 //       with kLoraTermFirst, grad_x = that term (grad_x comes in uninitialised; dY W is
@@ -25,6 +28,11 @@
 #include "rng.h"
 
 namespace lora_ext {
+
+// The device guard of kernels that need none (the CPU's).
+struct NoGuard {
+  explicit NoGuard(const at::Device&) {}
+};
 
 struct Dropout {
   bool active = false;
@@ -65,14 +73,30 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(const at::Tensor& x,
                                                        const at::Tensor& lora_b, double scale,
                                                        double dropout_p, const at::Tensor& seed) {
   const LinearShapes s = check_linear_args(x, weight, bias, lora_a, lora_b, scale, dropout_p);
+  const Dropout drop = make_dropout(dropout_p, seed);      // checks the seed
+  const typename Kernels::Guard device_guard(x.device());  // after every check
   // autograd is handled in Python (ops.py); the ATen calls below must not record a graph
   at::AutoDispatchBelowADInplaceOrView guard;
-  const Dropout drop = make_dropout(dropout_p, seed);
+  if (Kernels::kUpcastHalf && x.scalar_type() == at::kHalf) {
+    // float16 on the CPU: partial sums such as bias + s xa B^T can leave float16's range where
+    // the result does not; compute in float32 and round once at the end
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    std::optional<at::Tensor> bias32;
+    if (bias.has_value() && bias->defined()) bias32 = f(*bias);
+    auto [y, xa] = lora_linear_forward<Kernels>(f(x), f(weight), bias32, f(lora_a), f(lora_b),
+                                                scale, dropout_p, seed);
+    return {y.to(at::kHalf), xa.to(at::kHalf)};
+  }
   const at::Tensor x2 = as_rows(x, s.n, s.in);
   // y starts as bias + scale * xa B^T (what addmm's broadcast copy of the bias would cost
   // anyway); the big GEMM then accumulates x W^T into it with beta = 1: no extra pass over y.
   auto [y, xa] = Kernels::lora_forward(x2, bias, lora_a, lora_b, scale, drop);
-  y.addmm_(x2, weight.t());
+  if (y.scalar_type() != x.scalar_type()) {
+    // the kernels kept bias + s xa B^T in float32 (float16 on the GPU): add x W^T and round once
+    y = y.add_(at::mm(x2, weight.t())).to(x.scalar_type());
+  } else {
+    y.addmm_(x2, weight.t());
+  }
   return {y.view(with_last(x.sizes(), s.out)), xa.view(with_last(x.sizes(), s.r))};
 }
 
@@ -93,8 +117,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   check_same(grad_y, "grad_y", x, "x");
   check_same(xa, "xa", x, "x");
   const bool need_x = output_mask[0], need_a = output_mask[1], need_b = output_mask[2];
-  at::AutoDispatchBelowADInplaceOrView guard;
   const Dropout drop = make_dropout(dropout_p, seed);
+  const typename Kernels::Guard device_guard(x.device());  // after every check
+  at::AutoDispatchBelowADInplaceOrView guard;
+  if (Kernels::kUpcastHalf && x.scalar_type() == at::kHalf) {  // as in the forward
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    auto [gx, ga, gb] =
+        lora_linear_backward<Kernels>(f(grad_y), f(x), f(weight), f(lora_a), f(lora_b), f(xa),
+                                      scale, dropout_p, seed, output_mask);
+    const auto h = [](const at::Tensor& t) { return t.defined() ? t.to(at::kHalf) : t; };
+    return {h(gx), h(ga), h(gb)};
+  }
   const at::Tensor dy = grad_y.reshape({s.n, s.out});
 
   at::Tensor grad_x, grad_a, grad_b;
@@ -122,9 +155,9 @@ struct MergeProblem {
   at::Tensor a;   // [r, k] right factor, accumulation dtype, contiguous
 };
 
+// Call check_merge_args first (before any device guard).
 inline MergeProblem make_merge_problem(const at::Tensor& weight, const at::Tensor& lora_a,
                                        const at::Tensor& lora_b, double scale) {
-  check_merge_args(weight, lora_a, lora_b, scale);
   at::AutoDispatchBelowADInplaceOrView guard;
   // accumulate in float32 (float64 for float64 weights), round once into the weight's dtype
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -249,7 +249,19 @@ def _rows_shape(x: Tensor, last: int) -> list[int]:
     return [*x.shape[:-1], last]
 
 
+def _check_devices(ref_name: str, ref: Tensor, **tensors: Tensor | None) -> None:
+    """The compiled kernels' device check, for the fake kernels: a meta tensor among real ones
+    dispatches here, and must fail naming the argument instead of returning garbage."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(
+                f"lora_ext: {name} is on {t.device} but {ref_name} is on {ref.device}: "
+                "all tensors must be on one device"
+            )
+
+
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
+    _check_devices("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     torch._check(x.dim() >= 1, lambda: "x must have shape [..., in_features]")
     torch._check(
         weight.dim() == 2 and weight.shape[1] == x.shape[-1],
@@ -265,6 +277,11 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
         and lora_b.shape[1] == lora_a.shape[0],
         lambda: f"lora_b must be [{weight.shape[0]}, {lora_a.shape[0]}], got {tuple(lora_b.shape)}",
     )
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+            lambda: f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}",
+        )
     y = x.new_empty(_rows_shape(x, weight.shape[0]))
     xa = x.new_empty(_rows_shape(x, lora_a.shape[0]))
     return y, xa
@@ -273,6 +290,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
 def _lora_linear_backward_fake(
     grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, output_mask
 ):
+    _check_devices("x", x, grad_y=grad_y, weight=weight, lora_a=lora_a, lora_b=lora_b, xa=xa)
     return (
         x.new_empty(x.shape) if output_mask[0] else None,
         lora_a.new_empty(lora_a.shape) if output_mask[1] else None,
@@ -281,10 +299,12 @@ def _lora_linear_backward_fake(
 
 
 def _merge_fake(weight, lora_a, lora_b, scale):
+    _check_devices("weight", weight, lora_a=lora_a, lora_b=lora_b)
     return None
 
 
 def _merge_check_fake(weight, lora_a, lora_b, scale):
+    _check_devices("weight", weight, lora_a=lora_a, lora_b=lora_b)
     return weight.new_empty((), dtype=torch.bool)
 
 
@@ -325,7 +345,37 @@ def _lora_linear_backward(ctx, grad_y, grad_xa):
         )
     if grad_y is None or not any(output_mask):
         return None, None, None, None, None, None, None, None
+    if torch.is_grad_enabled() and any(
+        t.requires_grad for t in (grad_y, x, lora_a, lora_b)
+    ):  # backward(create_graph=True): a differentiable backward, for double backward
+        grad_x, grad_a, grad_b = _differentiable_backward(
+            grad_y, x, weight, lora_a, lora_b, ctx.scale, ctx.dropout_p, seed, output_mask
+        )
+        return grad_x, None, None, grad_a, grad_b, None, None, None
     grad_x, grad_a, grad_b = _ops.lora_linear_backward.default(
         grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed, output_mask
     )
     return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, scale, dropout_p, seed, mask3):
+    """The backward of lora_linear in plain PyTorch ops (autograd records them), used when
+    backward itself is differentiated (create_graph=True: double backward, gradient penalties,
+    Hessian-vector products). The same formula as the compiled kernel, the same mask."""
+    if dropout_p > 0.0:
+        keep = _ops.dropout_mask.default(x, seed, float(dropout_p), 0)
+        drop = keep.to(x.dtype) / (1.0 - dropout_p)
+        x_drop = x * drop
+    else:
+        drop, x_drop = None, x
+    g = (grad_y @ lora_b) * scale  # [..., r]
+    grad_x = grad_a = grad_b = None
+    if mask3[0]:
+        lora_term = g @ lora_a
+        grad_x = grad_y @ weight + (lora_term * drop if drop is not None else lora_term)
+    if mask3[1]:
+        grad_a = g.reshape(-1, g.shape[-1]).t() @ x_drop.reshape(-1, x.shape[-1])
+    if mask3[2]:
+        xa = x_drop @ lora_a.t()
+        grad_b = scale * (grad_y.reshape(-1, grad_y.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1]))
+    return grad_x, grad_a, grad_b

@@ -26,6 +26,21 @@ from torch import nn  # noqa: E402
 
 from lora_ext.training import models  # noqa: E402
 
+try:  # profiles of the property-based tests (tests/core/test_properties.py)
+    from hypothesis import HealthCheck, settings
+
+    # CI: a fixed seed (derandomize) and a modest count; `--hypothesis-profile=long` goes deep
+    _slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile(
+        "ci", max_examples=30, deadline=None, derandomize=True, suppress_health_check=_slow_ok
+    )
+    settings.register_profile(
+        "long", max_examples=2000, deadline=None, suppress_health_check=_slow_ok
+    )
+    settings.load_profile("ci")
+except ImportError:  # hypothesis missing: test_properties.py skips itself
+    pass
+
 
 @dataclass
 class RealModel:

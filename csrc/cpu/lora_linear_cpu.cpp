@@ -324,6 +324,8 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x2, const at::Tensor&
 struct CpuKernels {
   // lora_backward writes the LoRA term into an uninitialised grad_x; the big GEMM adds dY W
   static constexpr bool kLoraTermFirst = true;
+  static constexpr bool kUpcastHalf = true;  // float16 in float32: no native fp16 GEMM here
+  using Guard = NoGuard;
 
   static std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x2,
                                                          const std::optional<at::Tensor>& bias,

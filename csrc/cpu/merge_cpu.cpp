@@ -78,6 +78,7 @@ bool merge_tiles(const MergeProblem& pr, bool check) {
 void merge_cpu(at::Tensor weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                double scale) {
   at::AutoDispatchBelowADInplaceOrView guard;  // in place on a parameter: no autograd here
+  check_merge_args(weight, lora_a, lora_b, scale);
   const MergeProblem pr = make_merge_problem(weight, lora_a, lora_b, scale);
   if (pr.w.numel() == 0) return;
   const auto dt = pr.w.scalar_type();
@@ -96,6 +97,7 @@ void merge_cpu(at::Tensor weight, const at::Tensor& lora_a, const at::Tensor& lo
 at::Tensor merge_check_cpu(const at::Tensor& weight, const at::Tensor& lora_a,
                            const at::Tensor& lora_b, double scale) {
   at::AutoDispatchBelowADInplaceOrView guard;
+  check_merge_args(weight, lora_a, lora_b, scale);
   const MergeProblem pr = make_merge_problem(weight, lora_a, lora_b, scale);
   bool ok = true;
   if (pr.w.numel() > 0) {

@@ -97,6 +97,8 @@ struct CudaKernels {
   // grad_x comes in holding dY W; lora_backward adds the LoRA term (the simple path until a
   // GPU has measured the write-first order the CPU uses)
   static constexpr bool kLoraTermFirst = false;
+  static constexpr bool kUpcastHalf = false;
+  using Guard = c10::cuda::CUDAGuard;
 
   // xa = drop(x2) @ A^T;  y = bias + scale * xa @ B^T (cuBLAS; the caller adds x W^T)
   static std::tuple<at::Tensor, at::Tensor> lora_forward(const at::Tensor& x2,
@@ -104,12 +106,21 @@ struct CudaKernels {
                                                          const at::Tensor& lora_a,
                                                          const at::Tensor& lora_b, double scale,
                                                          const Dropout& drop) {
-    const c10::cuda::CUDAGuard device_guard(x2.device());
     const at::Tensor xa =
         drop.active ? at::mm(dropped_copy(x2, drop), lora_a.t()) : at::mm(x2, lora_a.t());
     const bool has_bias = bias.has_value() && bias->defined();
-    at::Tensor y = at::addmm(has_bias ? *bias : at::zeros({}, x2.options()), xa, lora_b.t(),
-                             /*beta=*/has_bias ? 1.0 : 0.0, /*alpha=*/scale);
+    if (x2.scalar_type() == at::kHalf) {
+      // float16: bias + s xa B^T stays in float32 (it can leave fp16's range where y does not);
+      // the caller adds x W^T and rounds once. [n, out] float32: small next to the big GEMM.
+      at::Tensor y = at::empty({x2.size(0), lora_b.size(0)}, x2.options().dtype(at::kFloat));
+      at::addmm_out(y, has_bias ? bias->to(at::kFloat) : y, xa.to(at::kFloat),
+                    lora_b.to(at::kFloat).t(), /*beta=*/has_bias ? 1.0 : 0.0, /*alpha=*/scale);
+      return {y, xa};
+    }
+    // beta = 0 without a bias: addmm ignores its input then (no zero tensor to allocate)
+    at::Tensor y = at::empty({x2.size(0), lora_b.size(0)}, x2.options());
+    at::addmm_out(y, has_bias ? *bias : y, xa, lora_b.t(), /*beta=*/has_bias ? 1.0 : 0.0,
+                  /*alpha=*/scale);
     return {y, xa};
   }
 
@@ -117,19 +128,18 @@ struct CudaKernels {
                             const at::Tensor& lora_a, const at::Tensor& lora_b, double scale,
                             const Dropout& drop, at::Tensor* grad_x, at::Tensor* grad_a,
                             at::Tensor* grad_b) {
-    const c10::cuda::CUDAGuard device_guard(x2.device());
     const int64_t n = x2.size(0), in = x2.size(1);
     if (grad_b != nullptr) {
-      *grad_b = at::addmm(at::zeros({}, lora_b.options()), dy.t(), xa2, /*beta=*/0.0,
-                          /*alpha=*/scale);
+      *grad_b = at::empty_like(lora_b, at::MemoryFormat::Contiguous);
+      at::addmm_out(*grad_b, *grad_b, dy.t(), xa2, /*beta=*/0.0, /*alpha=*/scale);
     }
     if (grad_x == nullptr && grad_a == nullptr) return;
     const at::Tensor g = at::mm(dy, lora_b);  // [n, r], computed once; scale applied below
     if (!drop.active) {
       if (grad_x != nullptr) grad_x->addmm_(g, lora_a, /*beta=*/1.0, /*alpha=*/scale);
       if (grad_a != nullptr) {
-        *grad_a = at::addmm(at::zeros({}, lora_a.options()), g.t(), x2, /*beta=*/0.0,
-                            /*alpha=*/scale);
+        *grad_a = at::empty_like(lora_a, at::MemoryFormat::Contiguous);
+        at::addmm_out(*grad_a, *grad_a, g.t(), x2, /*beta=*/0.0, /*alpha=*/scale);
       }
       return;
     }
@@ -149,8 +159,8 @@ struct CudaKernels {
           });
     }
     if (grad_a != nullptr) {
-      *grad_a = at::addmm(at::zeros({}, lora_a.options()), g.t(), t, /*beta=*/0.0,
-                          /*alpha=*/scale);
+      *grad_a = at::empty_like(lora_a, at::MemoryFormat::Contiguous);
+      at::addmm_out(*grad_a, *grad_a, g.t(), t, /*beta=*/0.0, /*alpha=*/scale);
     }
   }
 };
@@ -159,8 +169,8 @@ at::Tensor dropout_mask_cuda(const at::Tensor& like, const at::Tensor& seed, dou
                              int64_t offset) {
   check_dropout_p(dropout_p);
   LORA_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
-  const c10::cuda::CUDAGuard device_guard(like.device());
   const Dropout drop = make_dropout(dropout_p, seed);
+  const c10::cuda::CUDAGuard device_guard(like.device());  // after the checks
   at::Tensor mask = at::empty(like.sizes(), like.options().dtype(at::kBool));
   if (!drop.active) return mask.fill_(true);
   const int64_t numel = mask.numel();
@@ -177,7 +187,6 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, const at::T
                                                 const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                 double scale, double dropout_p,
                                                 const at::Tensor& seed) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
   return lora_linear_forward<CudaKernels>(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed);
 }
 
@@ -185,7 +194,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& xa, double scale,
     double dropout_p, const at::Tensor& seed, std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard device_guard(x.device());
   return lora_linear_backward<CudaKernels>(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p,
                                            seed, output_mask);
 }

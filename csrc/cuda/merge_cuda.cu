@@ -97,7 +97,8 @@ void launch_merge(const MergeProblem& pr, int* bad) {
 
 void merge_cuda(at::Tensor weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                 double scale) {
-  const c10::cuda::CUDAGuard device_guard(weight.device());
+  check_merge_args(weight, lora_a, lora_b, scale);
+  const c10::cuda::CUDAGuard device_guard(weight.device());  // after the checks
   at::AutoDispatchBelowADInplaceOrView guard;
   const MergeProblem pr = make_merge_problem(weight, lora_a, lora_b, scale);
   if (pr.w.numel() == 0) return;
@@ -106,7 +107,8 @@ void merge_cuda(at::Tensor weight, const at::Tensor& lora_a, const at::Tensor& l
 
 at::Tensor merge_check_cuda(const at::Tensor& weight, const at::Tensor& lora_a,
                             const at::Tensor& lora_b, double scale) {
-  const c10::cuda::CUDAGuard device_guard(weight.device());
+  check_merge_args(weight, lora_a, lora_b, scale);
+  const c10::cuda::CUDAGuard device_guard(weight.device());  // after the checks
   at::AutoDispatchBelowADInplaceOrView guard;
   const MergeProblem pr = make_merge_problem(weight, lora_a, lora_b, scale);
   at::Tensor bad = at::zeros({}, weight.options().dtype(at::kInt));
