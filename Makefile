@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv build test demo bench gpu-check gpu-check-dry cuda-build lint format clean
+.PHONY: venv build test demo bench gpu-check gpu-check-dry cuda-build wheel-check lint format clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,11 @@ gpu-check-dry: build
 # Compile-only CUDA build (no GPU needed): a second venv with the CUDA build of torch.
 cuda-build:
 	bash scripts/ci_cuda_build.sh
+
+# pip as an install route: wheel + sdist built here, the wheel installed into a fresh venv with
+# only torch, smoke-tested bare and with the [export] extra.
+wheel-check: venv
+	BUILD_PY=$(PY) TORCH_SPEC="$(TORCH_SPEC)" bash scripts/ci_wheel.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .
