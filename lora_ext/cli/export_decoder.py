@@ -2,6 +2,7 @@
 
     lora-ext export --model smollm2 --adapter runs/lm/adapter --out smollm2-genai
     lora-ext export --model smollm2 --adapter runs/lm/adapter --out smollm2-int4 --int4
+    lora-ext export --model smollm2 --adapter runs/lm/adapter --out smollm2-hot --hot-swap
 
 Bad input (not a decoder, an unsupported architecture, a tokenizer that does not fit the
 vocab, --int4 with --fp16, an adapter for another base, a non-empty --out without
@@ -66,10 +67,8 @@ def _refuse_flags(args: argparse.Namespace) -> None:
         raise ValueError("--int4: cannot be combined with --fp16 (int4 weights run fp32 on CPU)")
     if args.int4 and args.int8:
         raise ValueError("--int4: cannot be combined with --int8; pick one")
-    if args.hot_swap:
-        raise ValueError(
-            "--hot-swap: not supported for causal-LM folders yet; export each adapter merged"
-        )
+    if args.hot_swap and not args.adapter:
+        raise ValueError("--hot-swap: needs --adapter (its layers become LoRA graph inputs)")
     for flag, value in (
         ("--optimize", args.optimize),
         ("--all-positions", args.all_positions),
@@ -135,6 +134,7 @@ def run_export_decoder(args: argparse.Namespace) -> int:
             args.out,
             tokenizer=tokenizer,
             quantize=quantize,
+            merge=not args.hot_swap,
             dtype="fp16" if args.fp16 else "fp32",
             block_size=args.block_size,
             symmetric=not args.asymmetric,

@@ -31,7 +31,9 @@ def add_infer_command(subparsers: Any) -> None:
         "--tokenizer",
         help="tokenizer dir, or minilm | smollm2 (default: the .onnx file's directory)",
     )
-    inf.add_argument("--adapter", help=".onnx_adapter file for a --hot-swap export")
+    inf.add_argument(
+        "--adapter", help=".onnx_adapter file for a --hot-swap export (file or model folder)"
+    )
     inf.add_argument(
         "--generate", type=int, default=0, metavar="N", help="causal-lm: N greedy new tokens"
     )
@@ -82,9 +84,8 @@ def run_generate(args: argparse.Namespace) -> int:
             tokenizer,
             providers=["CPUExecutionProvider"] if args.cpu else None,
             threads=args.threads,
+            adapter=args.adapter,
         )
-        if args.adapter:
-            raise ValueError("--adapter: model folders are exported merged; no adapter to swap")
         stream = None
         if len(args.texts) == 1 and not args.no_stream:
             shown: list[int] = []

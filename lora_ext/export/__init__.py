@@ -12,7 +12,12 @@ variants, verification in onnxruntime, and a small onnxruntime runner.
 from __future__ import annotations
 
 from lora_ext.export.adapters import adapter_tensors, read_onnx_adapter, save_onnx_adapter
-from lora_ext.export.decoder import DecoderExportError, DecoderReport, export_decoder
+from lora_ext.export.decoder import (
+    DecoderExportError,
+    DecoderReport,
+    export_decoder,
+    save_decoder_adapter,
+)
 from lora_ext.export.exporter import (
     DEFAULT_OPSET,
     ExportReport,
@@ -42,6 +47,7 @@ __all__ = [
     "export_onnx",
     "quantize_int8",
     "read_onnx_adapter",
+    "save_decoder_adapter",
     "save_onnx_adapter",
     "save_ort_format",
     "to_fp16",

@@ -1,11 +1,13 @@
 """A LoRA-tuned causal LM as an onnxruntime-genai model folder: KV cache, fp32 or int4
 weights, verified token for token against PyTorch before anything is written.
 
-    from lora_ext.export import export_decoder, DecoderRunner
+    from lora_ext.export import export_decoder, save_decoder_adapter, DecoderRunner
     report = export_decoder(model, "out/smollm2-genai", tokenizer=tok)             # fp32
     report = export_decoder(model, "out/smollm2-int4", tokenizer=tok, quantize="int4",
                             eval_texts=held_out)                                   # + quality
     DecoderRunner("out/smollm2-genai", tok).generate(["The capital of France is"])
+    export_decoder(model, "out/hot", tokenizer=tok, merge=False)  # + out/hot/adapter.onnx_adapter
+    save_decoder_adapter(other_model, "out/hot", "other")         # another adapter, same base
 
 What we chose and why (measured on SmolLM2-135M, 2 cores):
 - The graph is written by onnxruntime-genai's own model builder
@@ -24,6 +26,13 @@ What we chose and why (measured on SmolLM2-135M, 2 cores):
   1e-4 relative), loading the folder in onnxruntime-genai and generating the same tokens
   there, the quality report of int4 (next-token agreement and perplexity against fp32
   PyTorch on held-out text), and the atomic write of the whole folder.
+- Hot-swap (``merge=False``): the builder's own LoRA path (``adapter_path``: the adapter in
+  PEFT's format, which ``lora_ext.save_adapter`` writes) emits each adapted projection as
+  ``x W + (x A') B'`` with A', B' as initializers; we turn those into optional graph inputs of
+  dynamic rank ``lora_r`` with empty defaults (Olive's ExtractAdapters scheme: no adapter =
+  the base model), keep them float over int4 weights (``nodes_to_exclude``), and write each
+  adapter as an onnxruntime ``.onnx_adapter`` file that ``og.Adapters`` and our runner load.
+  Verified with the adapter active against the merged model and without it against the base.
 - int4: the builder's path to onnxruntime's ``MatMulNBitsQuantizer`` (``MatMulNBits``
   weights, block-wise, RTN by default; ``k_quant`` as an option; symmetric or not; the
   tied embedding shares the int4 lm_head through ``GatherBlockQuantized``; the last MatMul,
@@ -122,6 +131,9 @@ class DecoderReport:
     max_rel_logits: float | None = None
     quality: Int4Quality | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    adapter_files: list[str] = field(default_factory=list)  # hot-swap: .onnx_adapter files
+    lora_inputs: int = 0  # hot-swap: LoRA graph inputs (A and B per adapted layer)
+    base_checks: list[PromptCheck] = field(default_factory=list)  # hot-swap, no adapter
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,9 +143,16 @@ class DecoderReport:
             f"{self.path}: {self.architecture} ({self.model_type}), {self.precision}, "
             f"{self.size_bytes / 1e6:.1f} MB",
         ]
-        for c in self.checks:
+        if not self.merged:
+            lines.append(
+                f"  hot-swap: {self.lora_inputs} LoRA inputs, adapter file(s) "
+                f"{', '.join(self.adapter_files)}; checks with the adapter active, then without"
+            )
+        for c in self.checks + self.base_checks:
             if c.equal:
                 what = f"{c.tokens} tokens equal"
+            elif self.precision != "fp32":
+                what = f"first differs at token {c.diverged_at} ({self.precision}: not required)"
             else:
                 what = f"diverged at token {c.diverged_at} at a near-tie (gap {c.near_tie_gap:.2e})"
             genai = (
@@ -219,29 +238,50 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool, arg: str = "out") 
 
 
 # -- the builder -----------------------------------------------------------------------
+def _plain_fp32(model: Any) -> Any:
+    """A float32 eval copy of ``model``; a GGUF-loaded model (weights already dequantized)
+    loses the gguf quantizer that ``.float()`` and ``save_pretrained`` refuse."""
+    import torch
+
+    out = copy.deepcopy(model).eval()
+    if getattr(out, "hf_quantizer", None) is not None:
+        out.hf_quantizer = None
+    if getattr(out, "is_quantized", False):
+        out.is_quantized = False
+    if hasattr(out.config, "quantization_config"):
+        del out.config.quantization_config
+    out = out.float()
+    out.config.dtype = torch.float32
+    return out
+
+
 def _save_merged(model: Any, tokenizer: Any, hf_dir: Path) -> Any:
     """Merge the active LoRA adapters on a copy and save it (fp32, safetensors) with the
     tokenizer. Returns the merged copy (eval mode)."""
-    import torch
-
     from lora_ext.inject import lora_layers, merge_and_unload
 
-    merged = copy.deepcopy(model).eval()
-    # a GGUF-loaded model (weights already dequantized to float) keeps its gguf quantizer,
-    # which .float() and save_pretrained refuse
-    if getattr(merged, "hf_quantizer", None) is not None:
-        merged.hf_quantizer = None
-    if getattr(merged, "is_quantized", False):
-        merged.is_quantized = False
-    if hasattr(merged.config, "quantization_config"):
-        del merged.config.quantization_config
-    merged = merged.float()
+    merged = _plain_fp32(model)
     if lora_layers(merged):
         merge_and_unload(merged)
-    merged.config.dtype = torch.float32
     merged.save_pretrained(hf_dir, safe_serialization=True)
     tokenizer.save_pretrained(hf_dir)
     return merged
+
+
+def _save_base_and_adapter(
+    model: Any, tokenizer: Any, hf_dir: Path, adapter_dir: Path
+) -> tuple[Any, Any]:
+    """Hot-swap: save the base (LoRA layers unwrapped, nothing merged) with the tokenizer, and
+    the active adapter in PEFT's format. Returns (merged copy, base copy), float32 eval."""
+    from lora_ext.inject import merge_and_unload
+    from lora_ext.io import save_adapter
+
+    plain = _plain_fp32(model)
+    save_adapter(plain, adapter_dir)
+    base = _base_copy(plain)
+    base.save_pretrained(hf_dir, safe_serialization=True)
+    tokenizer.save_pretrained(hf_dir)
+    return merge_and_unload(plain), base
 
 
 def _builder_options(
@@ -348,14 +388,18 @@ def compare_greedy(
     return check
 
 
-def genai_greedy(model: Any, ids: list[int], new_tokens: int) -> list[int]:
-    """onnxruntime-genai's own greedy run with an ``og.Model`` (it stops at EOS, which it
-    returns)."""
+def genai_greedy(
+    model: Any, ids: list[int], new_tokens: int, adapters: Any = None, name: str | None = None
+) -> list[int]:
+    """onnxruntime-genai's own greedy run with an ``og.Model`` (and an adapter of
+    ``og.Adapters`` made active); it stops at EOS, which it returns."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
     gen = og.Generator(model, params)
+    if adapters is not None:
+        gen.set_active_adapter(adapters, name)
     gen.append_tokens(ids)
     out: list[int] = []
     while not gen.is_done() and len(out) < new_tokens:
@@ -409,6 +453,136 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_tokens: int = 128) ->
     return rows
 
 
+# -- hot-swap: LoRA weights as optional graph inputs, adapters as .onnx_adapter files ----
+def builder_lora_name(module: str, which: str) -> str:
+    """The builder's initializer name of one LoRA matrix: ``model.layers.0.self_attn.q_proj``
+    and "A" -> ``model.layers.0.attn.q_proj.lora_A.MatMul.weight`` (layout [in, r] for A,
+    [r, out] for s*B, as MatMul takes them)."""
+    return f"{module.replace('.self_attn.', '.attn.')}.lora_{which}.MatMul.weight"
+
+
+def builder_lora_node(module: str, which: str) -> str:
+    """The builder's MatMul node of one LoRA matrix (to keep it out of int4 quantization)."""
+    parts = module.replace(".self_attn.", ".attn.").split(".")
+    # model.layers.0.attn.q_proj -> /model/layers.0/attn/q_proj/lora_A/MatMul
+    return "/" + "/".join(
+        [parts[0], f"{parts[1]}.{parts[2]}", *parts[3:], f"lora_{which}", "MatMul"]
+    )
+
+
+def decoder_adapter_tensors(model: Any) -> dict[str, np.ndarray]:
+    """The active (unmerged) adapter of a lora_ext model as the hot-swap inputs of a decoder
+    folder: {builder name: float32 [in, r] (A transposed) or [r, out] (scale * B
+    transposed)}."""
+    from .adapters import adapter_tensors
+
+    out = {}
+    for key, value in adapter_tensors(model).items():
+        module, _, which = key.rpartition(".lora_")
+        out[builder_lora_name(module, which[0])] = value
+    return out
+
+
+def graph_lora_inputs(onnx_path: Path) -> dict[str, tuple[int | str, int | str]]:
+    """{name: shape} of a folder graph's LoRA inputs (empty for a merged folder)."""
+    import onnx
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    shapes = {}
+    for i in g.input:
+        if ".lora_A." in i.name or ".lora_B." in i.name:
+            dims = i.type.tensor_type.shape.dim
+            shapes[i.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims
+            )
+    return shapes
+
+
+def lora_to_inputs(onnx_path: Path) -> dict[str, np.ndarray]:
+    """Turn the LoRA initializers of a builder graph into graph inputs of dynamic rank
+    ``lora_r`` whose defaults are empty (rank 0: the base model), as Olive's ExtractAdapters
+    does; the model is saved in place (weights in ``<name>.data``). Returns the tensors
+    removed {name: array}."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ._io import save_model
+    from .adapters import LORA_R
+
+    model = onnx.load(str(onnx_path))
+    taken: dict[str, np.ndarray] = {}
+    for init in model.graph.initializer:
+        is_a, is_b = ".lora_A." in init.name, ".lora_B." in init.name
+        if not (is_a or is_b):
+            continue
+        arr = numpy_helper.to_array(init)
+        taken[init.name] = arr
+        shape = [arr.shape[0], LORA_R] if is_a else [LORA_R, arr.shape[1]]
+        empty = np.zeros((arr.shape[0], 0) if is_a else (0, arr.shape[1]), dtype=arr.dtype)
+        init.CopyFrom(numpy_helper.from_array(empty, init.name))
+        model.graph.input.append(helper.make_tensor_value_info(init.name, TensorProto.FLOAT, shape))
+    for stale in onnx_path.parent.glob(onnx_path.name + ".data"):
+        stale.unlink()
+    save_model(model, onnx_path, external_data=True)
+    return taken
+
+
+def save_decoder_adapter(model: Any, folder: str | os.PathLike, name: str = "adapter") -> Path:
+    """Write the active adapter of ``model`` (lora_ext LoRA layers, unmerged) as
+    ``<folder>/<name>.onnx_adapter`` for a hot-swap folder (``export_decoder(merge=False)``)
+    of the same base; onnxruntime-genai loads it with ``og.Adapters``, ``DecoderRunner`` with
+    ``set_adapter``. Checked against the folder's LoRA inputs first (names, in/out sizes):
+    an adapter for another base fails with a message. The write is atomic.
+
+    Returns: the adapter file's path.
+    """
+    from ._io import commit
+    from .adapters import ADAPTER_SUFFIX, write_adapter_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "genai_config.json").read_text())
+    wanted = graph_lora_inputs(folder / config["model"]["decoder"]["filename"])
+    if not wanted:
+        raise DecoderExportError(
+            f"folder: {str(folder)!r} was exported merged (no LoRA inputs); export the base "
+            "with merge=False (--hot-swap)"
+        )
+    try:
+        tensors = decoder_adapter_tensors(model)
+    except ValueError as exc:
+        raise DecoderExportError(str(exc)) from None
+    for key, value in tensors.items():
+        if key not in wanted:
+            raise DecoderExportError(
+                f"model: its adapter has {key!r}, which is not a LoRA input of {folder.name} "
+                f"(the base adapts {len(wanted) // 2} layers, e.g. {next(iter(wanted))!r}): an "
+                "adapter for another base or other target modules"
+            )
+        fixed = 0 if ".lora_A." in key else 1
+        if value.shape[fixed] != wanted[key][fixed]:
+            raise DecoderExportError(
+                f"model: its adapter's {key!r} has shape {list(value.shape)}, the base needs "
+                f"{list(wanted[key])}: an adapter for another base"
+            )
+    target = folder / f"{name}{ADAPTER_SUFFIX}"
+    with staging_dir(target, arg="folder") as tmp:
+        staged = tmp / target.name
+        write_adapter_file(tensors, staged)
+        commit([staged], folder)
+    return target
+
+
+def _base_copy(model: Any) -> Any:
+    """A copy of ``model`` with every LoraLinear replaced by its (unmerged) base layer."""
+    from lora_ext.inject import lora_layers
+
+    base = copy.deepcopy(model)
+    for name, layer in lora_layers(base):
+        parent, _, child = name.rpartition(".")
+        setattr(base.get_submodule(parent) if parent else base, child, layer.base_layer)
+    return base
+
+
 # -- the export -----------------------------------------------------------------------
 def folder_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file())
@@ -431,12 +605,63 @@ def commit_folder(staged: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _verify_prompts(
+    runner: Any,
+    genai_model: Any,
+    genai_adapters: Any,
+    adapter_name: str | None,
+    reference: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    new_tokens: int,
+    precision: str,
+) -> list[PromptCheck]:
+    """Greedy runs of the staged folder (our runner as set up, and onnxruntime-genai with
+    the same adapter) against PyTorch ``reference``; raises VerificationError on a miss
+    (fp32: tokens, near-ties aside, and step logits; int4/int8: finite logits)."""
+    checks = []
+    for prompt in prompts:
+        ids = list(tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise DecoderExportError(f"prompts: {prompt!r} tokenizes to nothing")
+        ref, ref_logits = torch_greedy(reference, ids, new_tokens)
+        res = runner.generate(
+            [ids], max_new_tokens=new_tokens, stop_at_eos=False, return_logits=True
+        )
+        check = compare_greedy(prompt, res.tokens[0], res.logits[0], ref, ref_logits)
+        theirs = genai_greedy(genai_model, ids, new_tokens, genai_adapters, adapter_name)
+        check.genai_equal = bool(theirs) and theirs == res.tokens[0][: len(theirs)]
+        checks.append(check)
+        if precision != "fp32":
+            if not np.isfinite(res.logits[0]).all():
+                raise VerificationError(f"verify: {precision} folder gave non-finite logits")
+            continue
+        if check.max_rel_logits > LOGITS_RTOL:
+            raise VerificationError(
+                f"verify: step logits differ from PyTorch by {check.max_rel_logits:.2e} "
+                f"relative on {prompt!r} (need <= {LOGITS_RTOL:g}); nothing written"
+            )
+        if not check.equal and check.near_tie_gap > NEAR_TIE:
+            raise VerificationError(
+                f"verify: greedy tokens differ from PyTorch at token {check.diverged_at} of "
+                f"{prompt!r}, not at a near-tie (gap {check.near_tie_gap:.2e} > {NEAR_TIE:g}); "
+                "nothing written"
+            )
+        if not check.genai_equal:
+            raise VerificationError(
+                f"verify: onnxruntime-genai's greedy tokens differ from our runner's on "
+                f"{prompt!r}; nothing written"
+            )
+    return checks
+
+
 def export_decoder(
     model: Any,
     out: str | os.PathLike,
     tokenizer: Any,
     quantize: str | None = None,
     merge: bool = True,
+    adapter_name: str = "adapter",
     dtype: str = "fp32",
     block_size: int = 32,
     symmetric: bool = True,
@@ -458,7 +683,12 @@ def export_decoder(
         out: the folder to write (absent or empty, or ``overwrite``).
         tokenizer: its tokenizer (saved into the folder).
         quantize: None (fp32), "int4" or "int8" (weight-only MatMulNBits).
-        merge: must be True (hot-swap decoder folders are not written yet).
+        merge: True: the adapter merged into the weights. False (hot-swap): the adapted
+            layers keep LoRA A/B as optional graph inputs of dynamic rank (empty defaults:
+            the base model), and the active adapter is written as
+            ``<adapter_name>.onnx_adapter`` (``save_decoder_adapter`` writes more for the
+            same base); verified with the adapter active against the merged model and
+            without it against the base. Adapters stay float over int4 weights.
         dtype: "fp32" (fp16 genai folders need a GPU execution provider).
         block_size, symmetric, int4_method ("rtn" | "k_quant"), lm_head_int8,
             accuracy_level: the weight-only quantization (int4/int8).
@@ -488,11 +718,6 @@ def export_decoder(
             "dtype: fp16 genai folders need a GPU execution provider (the builder writes fp16 "
             "for CUDA/DML only); use fp32 or quantize='int4' for the CPU"
         )
-    if not merge:
-        raise DecoderExportError(
-            "merge: hot-swap (merge=False) decoder folders are not supported yet; export each "
-            "adapter merged"
-        )
     if int4_method not in INT4_METHODS:
         raise DecoderExportError(f"int4_method: got {int4_method!r}, need one of {INT4_METHODS}")
     if block_size not in (16, 32, 64, 128, 256):
@@ -501,72 +726,91 @@ def export_decoder(
         raise DecoderExportError(f"new_tokens: got {new_tokens}, need >= 1")
     arch, model_type = check_decoder(model, tokenizer)
     target = check_output_dir(out, overwrite)
+    if not merge:
+        if not adapter_name.isidentifier():
+            raise DecoderExportError(f"adapter_name: got {adapter_name!r}, need a plain name")
+        try:
+            lora_names = sorted(decoder_adapter_tensors(model))
+        except ValueError as exc:  # no LoRA layers / none active / merged
+            raise DecoderExportError(f"merge=False: {exc}") from None
     precision = quantize or "fp32"
     prompts = list(prompts or DEFAULT_PROMPTS)
     options = _builder_options(
         precision, block_size, symmetric, int4_method, lm_head_int8, accuracy_level
     )
-    report = DecoderReport(str(target), arch, model_type, precision, merged=True, options=options)
+    report = DecoderReport(str(target), arch, model_type, precision, merged=merge, options=options)
     from .runner import DecoderRunner
 
     with staging_dir(target, arg="out") as tmp:
         t0 = time.perf_counter()
-        say("merging the adapter on a copy and saving it (safetensors)")
-        merged = _save_merged(model, tokenizer, tmp / "hf")
+        base = None
+        if merge:
+            say("merging the adapter on a copy and saving it (safetensors)")
+            merged = _save_merged(model, tokenizer, tmp / "hf")
+        else:
+            say("saving the base and the adapter (PEFT format) for LoRA graph inputs")
+            merged, base = _save_base_and_adapter(model, tokenizer, tmp / "hf", tmp / "adapter")
+            options = {**options, "adapter_path": str(tmp / "adapter")}
+            if precision != "fp32":  # adapters stay float over int4 / int8 base weights
+                modules = {n.rsplit(".lora_", 1)[0] for n in lora_names}
+                nodes = [builder_lora_node(m.replace(".attn.", ".self_attn."), w)
+                         for m in sorted(modules) for w in "AB"]  # fmt: skip
+                options["nodes_to_exclude"] = ",".join(nodes)
         t1 = time.perf_counter()
-        say(f"onnxruntime-genai builder: {precision}")
+        say(f"onnxruntime-genai builder: {precision}" + ("" if merge else ", LoRA as inputs"))
         staged = tmp / "folder"
         run_builder(tmp / "hf", staged, precision, options)
+        options.pop("adapter_path", None)
+        adapter_file = None
+        if not merge:
+            taken = lora_to_inputs(staged / "model.onnx")
+            ours = decoder_adapter_tensors(model)
+            if sorted(taken) != sorted(ours) or any(
+                not np.allclose(taken[k], ours[k], rtol=1e-5, atol=1e-7) for k in ours
+            ):
+                raise VerificationError(
+                    "verify: the builder's LoRA tensors differ from this adapter's (names "
+                    f"{sorted(set(taken) ^ set(ours))[:2]}); nothing written"
+                )
+            adapter_file = save_decoder_adapter(model, staged, adapter_name)
+            report.adapter_files = [adapter_file.name]
+            report.lora_inputs = len(taken)
         t2 = time.perf_counter()
-        report.seconds.update(merge_save=t1 - t0, build=t2 - t1)
+        report.seconds.update(save=t1 - t0, build=t2 - t1)
         if verify:
-            say(f"verifying against PyTorch generate(use_cache=True): {len(prompts)} prompts")
             import onnxruntime_genai as og
 
             runner = DecoderRunner(staged, threads=None)
             genai_model = og.Model(str(staged))
-            worst = 0.0
-            for prompt in prompts:
-                ids = list(tokenizer(prompt)["input_ids"])
-                if not ids:
-                    raise DecoderExportError(f"prompts: {prompt!r} tokenizes to nothing")
-                ref, ref_logits = torch_greedy(merged, ids, new_tokens)
-                res = runner.generate(
-                    [ids], max_new_tokens=new_tokens, stop_at_eos=False, return_logits=True
+            genai_adapters = None
+            if adapter_file is not None:
+                runner.set_adapter(adapter_file)
+                genai_adapters = og.Adapters(genai_model)
+                genai_adapters.load(str(adapter_file), adapter_name)
+            say(f"verifying against PyTorch generate(use_cache=True): {len(prompts)} prompts")
+            report.checks = _verify_prompts(
+                runner, genai_model, genai_adapters, adapter_name, merged, tokenizer,
+                prompts, new_tokens, precision,
+            )  # fmt: skip
+            if base is not None:
+                say("verifying the base (no adapter active) against PyTorch")
+                runner.set_adapter(None)
+                report.base_checks = _verify_prompts(
+                    runner, genai_model, None, None, base, tokenizer, prompts[:1], new_tokens,
+                    precision,
+                )  # fmt: skip
+                runner.set_adapter(adapter_file)
+            if precision == "fp32":
+                report.max_rel_logits = max(
+                    c.max_rel_logits for c in report.checks + report.base_checks
                 )
-                check = compare_greedy(prompt, res.tokens[0], res.logits[0], ref, ref_logits)
-                theirs = genai_greedy(genai_model, ids, new_tokens)
-                check.genai_equal = bool(theirs) and theirs == res.tokens[0][: len(theirs)]
-                report.checks.append(check)
-                if precision != "fp32":
-                    if not np.isfinite(res.logits[0]).all():
-                        raise VerificationError(f"{precision} folder: non-finite logits")
-                    continue
-                worst = max(worst, check.max_rel_logits)
-                if check.max_rel_logits > LOGITS_RTOL:
-                    raise VerificationError(
-                        f"verify: step logits differ from PyTorch by {check.max_rel_logits:.2e} "
-                        f"relative on {prompt!r} (need <= {LOGITS_RTOL:g}); nothing written"
-                    )
-                if not check.equal and check.near_tie_gap > NEAR_TIE:
-                    raise VerificationError(
-                        f"verify: greedy tokens differ from PyTorch at token "
-                        f"{check.diverged_at} of {prompt!r}, not at a near-tie (gap "
-                        f"{check.near_tie_gap:.2e} > {NEAR_TIE:g}); nothing written"
-                    )
-                if not check.genai_equal:
-                    raise VerificationError(
-                        f"verify: onnxruntime-genai's greedy tokens differ from our runner's "
-                        f"on {prompt!r}; nothing written"
-                    )
-            report.max_rel_logits = worst if precision == "fp32" else None
-            if precision != "fp32":
+            else:
                 rows = encode_texts(tokenizer, list(eval_texts or prompts))
                 if not rows:
                     raise DecoderExportError("eval_texts: no text of 2 tokens or more")
                 say(f"{precision} quality on {len(rows)} held-out texts")
                 report.quality = teacher_forced_quality(runner, merged, rows)
-            del runner, genai_model
+            del runner, genai_model, genai_adapters
         report.seconds["verify"] = time.perf_counter() - t2
         files = folder_files(staged)
         report.files = [p.name for p in files] + [REPORT_NAME]

@@ -249,6 +249,7 @@ class DecoderRunner:
         tokenizer: a transformers tokenizer for text in and out, or None for token ids.
         providers: onnxruntime execution providers; default CUDA (if present) then CPU.
         threads: intra-op threads (default: onnxruntime's choice).
+        adapter: an ``.onnx_adapter`` file for a hot-swap folder (``set_adapter`` changes it).
     """
 
     def __init__(
@@ -257,6 +258,7 @@ class DecoderRunner:
         tokenizer: Any = None,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        adapter: str | os.PathLike | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -311,6 +313,52 @@ class DecoderRunner:
         kv_type = declared[self.past_names[0][0]].type
         self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
         self.tokenizer = tokenizer
+        # hot-swap folders: LoRA A/B are initializers with empty defaults, overridable
+        self._lora_shapes = {
+            i.name: i.shape
+            for i in self.session.get_overridable_initializers()
+            if ".lora_A." in i.name or ".lora_B." in i.name
+        }
+        self._run_options = ort.RunOptions()
+        self.adapter_path: Path | None = None
+        if adapter is not None:
+            self.set_adapter(adapter)
+
+    def set_adapter(self, adapter: str | os.PathLike | None) -> None:
+        """Activate an ``.onnx_adapter`` file on a hot-swap folder, or None for the base.
+        Its tensors are checked against the graph's LoRA inputs (names, in/out sizes)."""
+        import onnxruntime as ort
+
+        self._run_options = ort.RunOptions()
+        self.adapter_path = None
+        if adapter is None:
+            return
+        if not self._lora_shapes:
+            raise ValueError(
+                f"adapter: {self.folder.name} was exported merged (no LoRA inputs); export "
+                "with merge=False (--hot-swap) to swap adapters"
+            )
+        path = Path(adapter)
+        if path.suffix != ADAPTER_SUFFIX:
+            raise ValueError(f"adapter: got {str(path)!r}, need a {ADAPTER_SUFFIX} file")
+        for name, value in read_onnx_adapter(path).items():
+            need = self._lora_shapes.get(name)
+            if need is None:
+                raise ValueError(
+                    f"adapter: {path.name} has tensor {name!r}, not a LoRA input of "
+                    f"{self.folder.name}: an adapter for another base"
+                )
+            fixed = 0 if ".lora_A." in name else 1
+            if value.ndim != 2 or value.shape[fixed] != need[fixed]:
+                raise ValueError(
+                    f"adapter: {path.name} tensor {name!r} has shape {list(value.shape)}, "
+                    f"the model needs {need}"
+                )
+        lora_adapter = ort.LoraAdapter()
+        lora_adapter.Load(str(path))
+        self._run_options.add_active_adapter(lora_adapter)
+        self._adapter = lora_adapter  # the run options refer to it: keep it alive
+        self.adapter_path = path
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
@@ -321,7 +369,7 @@ class DecoderRunner:
         feeds = {self.ids_name: input_ids, self.mask_name: attention_mask}
         for (k, v), i in zip(self.past_names, range(0, 2 * self.num_layers, 2)):
             feeds[k], feeds[v] = past[i], past[i + 1]
-        out = self.session.run([self.logits_name, *self.present_names], feeds)
+        out = self.session.run([self.logits_name, *self.present_names], feeds, self._run_options)
         return out[0], out[1:]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:

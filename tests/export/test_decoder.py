@@ -80,8 +80,8 @@ def tiny_decoder(arch: str, vocab: int = 128, seed: int = 0, hidden: int = 192):
     return model.eval()
 
 
-def with_lora(model, seed: int = 0):
-    lora_ext.inject_(model, lora_ext.LoraConfig(r=4, alpha=8, target_modules=TARGETS))
+def with_lora(model, seed: int = 0, r: int = 4):
+    lora_ext.inject_(model, lora_ext.LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS))
     g = torch.Generator().manual_seed(seed)
     from lora_ext.inject import lora_layers
 
@@ -239,6 +239,88 @@ def test_int4_quality_and_size(exported, tok, tmp_path):
     assert report.size_bytes < fp32.size_bytes
 
 
+# -- hot-swap: LoRA as graph inputs, adapters as .onnx_adapter files ---------------------
+@pytest.fixture(scope="module")
+def hot(tok, tmp_path_factory):
+    """A hot-swap fp32 folder of a tiny Qwen2 with adapter X (r=4), plus adapter Y (r=2)."""
+    x = with_lora(tiny_decoder("qwen2"), seed=1)
+    out = tmp_path_factory.mktemp("hot") / "genai"
+    report = export_decoder(x, out, tokenizer=tok, merge=False, adapter_name="x",
+                            prompts=PROMPTS[:2], new_tokens=16)  # fmt: skip
+    y = with_lora(tiny_decoder("qwen2"), seed=2, r=2)
+    D.save_decoder_adapter(y, out, "y")
+    return x, y, report, out
+
+
+def _merged(model):
+    import copy
+
+    return lora_ext.merge_and_unload(copy.deepcopy(model))
+
+
+def test_hot_swap_folder_verified(hot):
+    _, _, report, out = hot
+    assert not report.merged and report.adapter_files == ["x.onnx_adapter"]
+    assert report.lora_inputs == 2 * 2 * len(TARGETS)  # A and B, 2 layers
+    assert all(c.equal and c.genai_equal for c in report.checks + report.base_checks)
+    assert report.base_checks and report.max_rel_logits <= 1e-4
+    shapes = D.graph_lora_inputs(out / "model.onnx")
+    assert shapes["model.layers.0.attn.q_proj.lora_A.MatMul.weight"] == (192, "lora_r")
+    assert shapes["model.layers.1.mlp.down_proj.lora_B.MatMul.weight"] == ("lora_r", 192)
+
+
+def test_hot_swap_each_adapter_equals_its_merged_model(hot, tok):
+    """Our runner and onnxruntime-genai (og.Adapters), switching X -> Y -> none on one base,
+    generate what PyTorch generates on the merged X, merged Y and the base."""
+    x, y, _, out = hot
+    ids = tok(PROMPTS[2])["input_ids"]
+    want = {
+        "x": D.torch_greedy(_merged(x), ids, 16)[0],
+        "y": D.torch_greedy(_merged(y), ids, 16)[0],
+        None: D.torch_greedy(tiny_decoder("qwen2"), ids, 16)[0],
+    }
+    assert want["x"] != want["y"] != want[None]  # the adapters do change the output
+    runner = DecoderRunner(out)
+    model = og.Model(str(out))
+    adapters = og.Adapters(model)
+    for name in ("x", "y"):
+        adapters.load(str(out / f"{name}.onnx_adapter"), name)
+    for name in ("x", "y", None, "x"):
+        runner.set_adapter(None if name is None else out / f"{name}.onnx_adapter")
+        assert runner.generate([ids], 16, stop_at_eos=False).tokens[0] == want[name], name
+        got = D.genai_greedy(model, ids, 16, adapters if name else None, name)
+        assert got == want[name][: len(got)], name
+
+
+def test_hot_swap_int4_keeps_adapters_float(tok, tmp_path):
+    import onnx
+
+    x = with_lora(tiny_decoder("llama"), seed=3)
+    out = tmp_path / "int4"
+    report = export_decoder(x, out, tokenizer=tok, merge=False, quantize="int4",
+                            prompts=PROMPTS[:1], new_tokens=12, eval_texts=list(PROMPTS))  # fmt: skip
+    assert all(c.genai_equal for c in report.checks)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") >= 2 * 4  # the base projections are int4
+    lora = [n for n in graph.node if "/lora_" in n.name]
+    assert len(lora) == 2 * 2 * len(TARGETS) and {n.op_type for n in lora} == {"MatMul"}
+
+
+def test_hot_swap_adapter_for_another_base(hot, tok, tmp_path):
+    _, _, _, out = hot
+    other = with_lora(tiny_decoder("qwen2", hidden=128))
+    with pytest.raises(DecoderExportError, match="another base"):
+        D.save_decoder_adapter(other, out, "other")
+    assert not (out / "other.onnx_adapter").exists()
+    from lora_ext.export.adapters import write_adapter_file
+
+    bad = tmp_path / "bad.onnx_adapter"
+    write_adapter_file({"model.layers.0.attn.q_proj.lora_A.MatMul.weight": np.zeros((128, 2))}, bad)
+    with pytest.raises(ValueError, match=r"has shape \[128, 2\], the model needs"):
+        DecoderRunner(out, adapter=bad)
+
+
 # -- bad input: one error, nothing written --------------------------------------------
 def test_not_a_decoder_and_unsupported(tok, tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
@@ -311,11 +393,28 @@ def test_cli_export_then_infer(llama_dir, tmp_path, capsys):
     assert lines == ["the time" + want[0], "how many people have" + want[1]]
 
 
+def test_cli_hot_swap_then_infer_with_the_adapter(llama_dir, tmp_path, capsys):
+    from lora_ext.cli import main
+
+    x = with_lora(tiny_decoder("llama"), seed=4)  # the same random base as llama_dir
+    lora_ext.save_adapter(x, tmp_path / "adapter")
+    out = tmp_path / "hot"
+    code = main(["export", "--model", str(llama_dir), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(out), "--hot-swap", "--new-tokens", "8"])  # fmt: skip
+    assert code == 0 and "hot-swap: 16 LoRA inputs" in capsys.readouterr().out
+    assert main(["infer", "--onnx", str(out), "--adapter", str(out / "adapter.onnx_adapter"),
+                 "--max-new-tokens", "6", "the time"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out.strip()
+    ids = word_tokenizer()("the time")["input_ids"]
+    want = D.torch_greedy(_merged(x), ids, 6)[0]
+    assert printed == "the time" + word_tokenizer().decode(want, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--int4", "--fp16"], "--int4: cannot be combined with --fp16"),
-        (["--hot-swap"], "--hot-swap: not supported for causal-LM folders"),
+        (["--hot-swap"], "--hot-swap: needs --adapter"),
     ],
 )
 def test_cli_bad_flags_exit_2(llama_dir, tmp_path, capsys, extra, message):
