@@ -84,13 +84,14 @@ def grads(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
 
 def _assert_same_gradients(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     """Equal up to float32 rounding: the halves are padded to their own longest row, which
-    changes matmul shapes and so the order of the sums (relative differences ~1e-7 of the
-    tensor's largest entry; the bound is 100x that)."""
+    changes matmul shapes and so the order of the sums. Measured: 3.4e-6 of the tensor's
+    largest entry, the same in 20 DDP runs out of 20 (the comparison is deterministic); the
+    bound is 1e-4, still 500x below the effect of half the data (> 0.05)."""
     assert a.keys() == b.keys() and a
     for key in a:
         scale = b[key].abs().max().item()
         assert scale > 0, f"{key}: an all-zero gradient tests nothing"
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5 * scale, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4 * scale, msg=key)
 
 
 def test_ddp_gradients_equal_single_process(grads):
