@@ -30,14 +30,26 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each flag's default, except where there is none to show."""
+    """``--help`` shows each flag's default, except where there is none to show (and for
+    on/off switches, whose help says what they turn on or off)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (
-            action.help or ""
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if (
+            switch
+            or action.default in (None, False, argparse.SUPPRESS)
+            or "%(default)" in (action.help or "")
         ):
             return action.help
         return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block): ``lora-ext train: error:
+    argument --r/--rank: invalid int value: '4.9' (see lora-ext train --help)``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def missing_modules(command: str) -> list[str]:
@@ -50,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser with every subcommand."""
     from lora_ext import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lora-ext",
         description="LoRA fine-tuning with a compiled op, merged ONNX export, edge inference.",
         formatter_class=HelpFormatter,

@@ -51,19 +51,62 @@ INT8_MAX_DROP = 0.01
 def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of ``lora-ext demo`` (defaults: the measured demo settings)."""
     d = DEMO_DEFAULTS
-    p.add_argument("--out", default="runs/demo", help="run directory (replaced on each demo run)")
-    p.add_argument("--steps", type=int, default=d["steps"])
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--lr", type=float, default=d["lr"])
-    p.add_argument("--r", type=int, default=d["r"])
-    p.add_argument("--max-length", type=int, default=d["max_length"])
-    p.add_argument("--max-train", type=int, default=None, help="train on fewer examples")
-    p.add_argument("--max-val", type=int, default=None, help="evaluate on fewer examples")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="run directory (default: a new runs/demo/YYYYMMDD-HHMMSS per demo, so earlier "
+        "results are kept); an --out holding results is refused without --overwrite",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the results in an existing --out"
+    )
+    p.add_argument("--steps", type=int, default=d["steps"], help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="examples per step")
+    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate")
+    p.add_argument("--r", type=int, default=d["r"], help="LoRA rank")
+    p.add_argument("--max-length", type=int, default=d["max_length"], help="tokens per snippet")
+    p.add_argument(
+        "--max-train",
+        type=int,
+        default=None,
+        help="train on this many examples (default: the whole training split)",
+    )
+    p.add_argument(
+        "--max-val",
+        type=int,
+        default=None,
+        help="evaluate on this many held-out examples (default: all 1,281)",
+    )
     p.add_argument("--latency-sentences", type=int, default=200, help="sentences timed at batch 1")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (training)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: torch's choice)"
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no training progress"
+    )
     return p
+
+
+def demo_out(args: argparse.Namespace) -> Path:
+    """The demo's run directory: --out, or a new timestamped folder under runs/demo.
+
+    Raises:
+        TrainError: --out holds earlier results (or is a file) and --overwrite is not given.
+    """
+    from lora_ext.training.config import TrainError
+
+    if args.out is None:
+        return Path("runs/demo") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out: {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise TrainError(
+            f"--out: {out} holds earlier results; pass --overwrite to replace them, or "
+            "leave --out out for a new runs/demo/<time> folder"
+        )
+    return out
 
 
 def _say(message: str) -> None:
@@ -79,16 +122,19 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from lora_ext.export.quantize import CALIBRATION_SAMPLES
     from lora_ext.training import data as D
     from lora_ext.training import models
+    from lora_ext.training.run_dir import RUN_FILE, write_json_atomic
     from lora_ext.training.trainer import (
         TrainConfig,
+        TrainError,
+        exported_files,
         load_trained_adapter,
         quiet_transformers,
         train,
     )
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    if args.latency_sentences < 1:
+        raise TrainError(f"--latency-sentences: got {args.latency_sentences}; need an integer >= 1")
+    out = demo_out(args)
     cfg = TrainConfig(
         out=str(out),
         **{
@@ -105,13 +151,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         max_val=args.max_val,
         device=args.device,
         threads=args.threads,
-        overwrite=True,
+        overwrite=out.is_dir() and any(out.iterdir()),  # demo_out checked --overwrite
         progress=args.progress,
     )
+    cfg.validate()  # before --threads is applied
+    if args.threads:
+        torch.set_num_threads(args.threads)
     _say(f"[1/3] fine-tuning MiniLM-L6 with LoRA on Rotten Tomatoes ({cfg.steps} steps) -> {out}")
     t0 = time.perf_counter()
     metrics = train(cfg)
-    train_s = time.perf_counter() - t0
+    wall_s = time.perf_counter() - t0
 
     # A fresh process would do exactly this: base model + the saved adapter (with its head).
     _say("[2/3] merging and exporting ONNX fp32 and int8")
@@ -142,6 +191,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             log=lambda m: None,
         )
     tokenizer.save_pretrained(onnx_dir)
+    run_info = json.loads((out / RUN_FILE).read_text())
+    run_info["exported"] = exported_files(out)  # run.json says what this run produced
+    write_json_atomic(out / RUN_FILE, run_info)
 
     _say(f"[3/3] evaluating on the {len(split.val)} held-out snippets")
     labels = np.array(split.val.labels)
@@ -215,7 +267,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "checks": checks,
         "n_val": len(texts),
-        "train_time_s": train_s,
+        "out": str(out),
+        # the trainer's figure (metrics.json): the training steps alone; the wall time adds
+        # loading, evaluation, checkpoints and saving
+        "train_time_s": metrics["train_time_s"],
+        "train_wall_time_s": wall_s,
         "train_steps": metrics.get("steps"),
         "train_tokens_per_s": metrics.get("tokens_per_s"),
         "device": metrics.get("device"),
@@ -241,7 +297,9 @@ def format_table(result: dict[str, Any]) -> str:
     """The demo's one table (and the targets)."""
     lines = [
         f"MiniLM-L6 + LoRA on Rotten Tomatoes: held-out split of {result['n_val']} snippets; "
-        f"trained {result['train_steps']} steps in {result['train_time_s']:.0f} s on {result['device']}",
+        f"trained {result['train_steps']} steps in {result['train_time_s']:.1f} s on "
+        f"{result['device']} (as in metrics.json; {result['train_wall_time_s']:.0f} s with "
+        f"loading, evaluation and saving); results in {result['out']}",
         "",
         f"{'':<16} {'accuracy':>9} {'agrees w/ PyTorch':>18} {'size':>9} {'latency/sentence':>17}",
     ]
@@ -257,6 +315,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from lora_ext.cli.train import _os_error
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from lora_ext.training.data import DataError
     from lora_ext.training.trainer import TrainError
@@ -266,6 +326,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     except (TrainError, DataError) as e:
         print(f"lora-ext demo: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"lora-ext demo: error: {_os_error(e)}", file=sys.stderr)
+        return 1
     print(format_table(result))
     return 0 if all(result["checks"].values()) else 1
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,20 +95,42 @@ class TrainConfig:
             if not cond:
                 raise TrainError(f"--{flag.replace('_', '-')}: got {value!r}; need {what}")
 
+        def is_int(value: Any) -> bool:  # bool is an int to Python, never to a flag
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
         positive_ints = ("r", "steps", "batch_size", "grad_accum", "max_length", "eval_every")
         positive_ints += ("save_every", "keep_checkpoints", "eval_batch_size")
         for name in positive_ints:
             value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
-        for name in ("max_train", "max_val", "threads", "stop_at"):
+            need(is_int(value) and value >= 1, name, value, "an integer >= 1")
+        for name in ("max_train", "max_val", "stop_at"):
             value = getattr(self, name)
-            need(
-                value is None or (isinstance(value, int) and value >= 1),
-                name,
-                value,
-                "an integer >= 1",
-            )
-        need(self.alpha > 0, "alpha", self.alpha, "a positive number")
+            need(value is None or (is_int(value) and value >= 1), name, value, "an integer >= 1")
+        cores = os.cpu_count() or 1
+        need(
+            self.threads is None or (is_int(self.threads) and 1 <= self.threads <= 4 * cores),
+            "threads",
+            self.threads,
+            f"an integer from 1 to {4 * cores} (4x the {cores} CPUs here)",
+        )
+        need(
+            is_int(self.seed) and 0 <= self.seed < 2**32,
+            "seed",
+            self.seed,
+            "an integer in [0, 2**32)",
+        )
+        for name in ("alpha", "dropout", "val_fraction", "weight_decay", "warmup_ratio"):
+            value = getattr(self, name)
+            need(is_number(value), name, value, "a number")
+        need(
+            math.isfinite(self.alpha) and self.alpha > 0,
+            "alpha",
+            self.alpha,
+            "a positive finite number",
+        )
         need(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a probability in [0, 1)")
         md = self.model_dropout
         need(md is None or 0.0 <= md < 1.0, "model_dropout", md, "a probability in [0, 1)")
@@ -119,7 +143,12 @@ class TrainConfig:
                 value,
                 "a positive number",
             )
-        need(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        need(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay",
+            self.weight_decay,
+            "a finite number >= 0",
+        )
         need(
             0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", self.warmup_ratio, "a number in [0, 1)"
         )
@@ -127,7 +156,9 @@ class TrainConfig:
             0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]"
         )
         mgn = self.max_grad_norm
-        need(mgn is None or mgn > 0, "max_grad_norm", mgn, "a positive number (or none)")
+        need(
+            mgn is None or mgn > 0, "max_grad_norm", mgn, "a positive number (or none: no clipping)"
+        )
         need(
             self.precision in ("auto", "fp32", "bf16"),
             "precision",
@@ -135,7 +166,7 @@ class TrainConfig:
             "auto, fp32 or bf16",
         )
         need(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device),
             "device",
             self.device,
             "auto, cpu or cuda[:N]",

@@ -167,12 +167,43 @@ def load_bbc_news() -> TextDataset:
 # ------------------------------------------------------------------------------- user files
 
 
+def _not_utf8(path: Path) -> DataError:
+    """The error for a file that is not UTF-8: the line and byte of the first bad byte."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return DataError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+            f"{e.start}); save the file as UTF-8"
+        )
+    return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
+def _csv_records(path: Path, reader: Any) -> Iterator[dict[str, Any]]:
+    """The reader's records, its errors (a NUL byte, a field over csv's size limit, bad
+    quoting) as DataError naming the file and line."""
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            line = reader.line_num + 1  # the line being parsed: line_num counts those done
+            hint = ""
+            if "field limit" in str(e):
+                hint = f" (a text over {csv.field_size_limit():,} characters; shorten it: --max-length truncates anyway)"
+            raise DataError(f"{path}: line {line}: {e}{hint}") from None
+        yield record
+
+
 def _iter_csv(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """Yield (row number, record, error) for each data row; row numbers are 1-based lines."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
-        for record in reader:
+        for record in _csv_records(path, reader):
             line = reader.line_num
             if None in record:  # more fields than the header
                 yield (
@@ -190,7 +221,7 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | No
 def _iter_json_array(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """A ``.json`` file holding one array of objects; rows are numbered from 1 by position."""
     try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
+        records = json.loads(_read_utf8(path))
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
@@ -218,6 +249,21 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | 
                 yield line_no, None, f"expected a JSON object, got {type(record).__name__}"
                 continue
             yield line_no, record, None
+
+
+def _read_utf8(path: Path, encoding: str = "utf-8-sig") -> str:
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _decoded(path: Path, rows: Iterator[Any]) -> Iterator[Any]:
+    """``rows``, with a decoding error met while reading them named by file and line."""
+    try:
+        yield from rows
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
 
 
 def _label_key(value: Any) -> str:
@@ -261,7 +307,7 @@ def load_table(
     if suffix == ".csv":
         rows = _iter_csv(path)
         with open(path, encoding="utf-8-sig", newline="") as f:
-            header = next(csv.reader(f), [])
+            header = next(_decoded(path, _csv_records(path, csv.reader(f))), [])
         if not header:
             raise DataError(f"{path}: the file is empty (expected a header row)")
         missing = [c for c in (text_column, label_column) if c not in header]
@@ -270,7 +316,7 @@ def load_table(
                 f"{path}: missing column(s) {missing}; the header has {header} "
                 f"(choose them with --text-column / --label-column)"
             )
-    elif suffix == ".json" and path.read_text(encoding="utf-8-sig").lstrip().startswith("["):
+    elif suffix == ".json" and _read_utf8(path).lstrip().startswith("["):
         rows = _iter_json_array(path)  # a JSON array; any other .json is read as JSON lines
     elif suffix in (".jsonl", ".json"):
         rows = _iter_jsonl(path)
@@ -279,7 +325,7 @@ def load_table(
 
     texts: list[str] = []
     raw_labels: list[tuple[int, str]] = []  # (row, label) for the error message below
-    for row, record, error in rows:
+    for row, record, error in _decoded(path, rows):
         where = f"{path}: row {row}"
         if error is not None:
             raise DataError(f"{where}: {error}")
@@ -326,10 +372,7 @@ def load_text(path: str | os.PathLike) -> TextDataset:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data: file {str(path)!r} does not exist")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    content = _read_utf8(path, "utf-8")
     paragraphs = [p.strip() for p in content.replace("\r\n", "\n").split("\n\n")]
     paragraphs = [p for p in paragraphs if p]
     if not paragraphs:
@@ -350,10 +393,15 @@ def load_dataset(
         ds = load_rotten_tomatoes()
     elif name == "bbc-news":
         ds = load_bbc_news()
-    elif name.lower().endswith(".txt"):
-        return load_text(name)
-    elif Path(name).suffix.lower() in (".csv", ".jsonl", ".json"):
-        return load_table(name, text_column, label_column, classes)
+    elif name.lower().endswith(".txt") or Path(name).suffix.lower() in (".csv", ".jsonl", ".json"):
+        try:
+            if name.lower().endswith(".txt"):
+                return load_text(name)
+            return load_table(name, text_column, label_column, classes)
+        except UnicodeDecodeError:  # a decode outside the guarded reads: still one line
+            raise _not_utf8(Path(name)) from None
+        except OSError as e:
+            raise DataError(f"data: cannot read {name}: {e.strerror or e}") from None
     elif not Path(name).exists():
         raise DataError(
             f"data: got {name!r}, which is neither a bundled data set {BUNDLED_DATA} "

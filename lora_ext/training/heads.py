@@ -131,6 +131,24 @@ def add_lora(cfg: TrainConfig, model: nn.Module, task: TaskSpec) -> list[dict[st
         use_rslora=cfg.rslora,
         init=cfg.init,
     )
+    try:
+        layers = lora_ext.inject.resolve_targets(model, lcfg)
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"--targets: {e}") from None
+    # checked before any LoRA tensor is allocated (--r 2000000 would exhaust the memory)
+    smallest = min(min(m.weight.shape) for _, m in layers)
+    if cfg.r > smallest:
+        raise TrainError(
+            f"--r: got {cfg.r}; need at most {smallest}, the smaller dimension of the "
+            f"adapted layers ({', '.join(lcfg.target_modules)}): a larger rank adds "
+            "parameters, not capacity"
+        )
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.max_length > limit:
+        raise TrainError(
+            f"--max-length: got {cfg.max_length}; need at most {limit}, the model's "
+            "max_position_embeddings"
+        )
     torch.manual_seed(cfg.seed + 1)  # LoRA A init: the same on every rank and every resume
     try:
         lora_ext.inject_(model, lcfg)

@@ -10,15 +10,21 @@ onnx/               model.onnx and model.int8.onnx with --export
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lora_ext.training.config import CONTROL_FIELDS, TrainConfig, TrainError
 
 RUN_FILE = "run.json"
+# flock'ed by the run using --out; removed when it ends (a killed run's file holds no lock)
+LOCK_FILE = ".lora-ext.lock"
 
 
 OUR_ENTRIES = ("run.json", "adapter", "metrics.json", "loss.png", "checkpoints", "onnx")
@@ -65,7 +71,7 @@ def check_out_dir(cfg: TrainConfig) -> str:
             f"--out: {out} already holds {what}; pass --resume to continue it or "
             f"--overwrite to replace it"
         )
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not cfg.overwrite:
         raise TrainError(
             f"--out: {out} is not empty and holds no lora-ext run; choose an empty directory "
             f"or pass --overwrite (only lora-ext's own files would be replaced)"
@@ -87,3 +93,95 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _cannot(out: Path, what: str, e: OSError) -> TrainError:
+    return TrainError(f"--out: cannot {what} {out}: {e.strerror or e}")
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    """Create --out and its missing parents; returns those created, deepest first."""
+    created: list[Path] = []
+    try:
+        probe = out
+        while not probe.exists():
+            created.append(probe)
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if not probe.is_dir():
+            raise TrainError(f"--out: {str(probe)!r} exists and is not a directory")
+        for path in reversed(created):
+            path.mkdir()
+    except OSError as e:
+        _remove_dirs(created)
+        raise _cannot(out, "create", e) from None
+    return created
+
+
+def _remove_dirs(dirs: list[Path]) -> None:
+    for path in dirs:  # deepest first; only if still empty
+        with contextlib.suppress(OSError):
+            path.rmdir()
+
+
+def _open_locked(lock: Path, out: Path) -> int:
+    """An fd holding an exclusive flock on ``lock`` (the file at that path now: a holder
+    that unlinked it on exit leaves our inode stale, so the inode is checked and retried)."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _cannot(out, "write in", e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise _cannot(out, "lock", e) from None
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise TrainError(
+                f"--out: {out} is in use by another lora-ext train (pid {holder}); wait for "
+                "it to end or choose another --out"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def locked_out_dir(out: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold --out for one run: create it (and its parents), take an exclusive ``flock`` on
+    ``--out/.lora-ext.lock`` (refusing with a TrainError when another run holds it), and
+    on exit remove the lock file, and the directories this call created if the run left
+    nothing else in them (a run refused before writing leaves no --out behind).
+
+    The kernel drops a flock when its process dies, so a killed run's lock file never
+    blocks the next run. ``enabled=False`` (ranks other than 0): nothing is done.
+    A --out that cannot be created or written (read-only file system, a file in the way,
+    a name too long) is a TrainError here, before any model is loaded.
+    """
+    if not enabled:
+        yield
+        return
+    created = _make_dirs(out)
+    lock = out / LOCK_FILE
+    try:
+        fd = _open_locked(lock, out)
+    except BaseException:
+        _remove_dirs(created)
+        raise
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # while holding the lock: a waiter sees the inode change and retries
+        os.close(fd)
+        _remove_dirs(created)

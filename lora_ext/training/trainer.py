@@ -93,7 +93,13 @@ from lora_ext.training.heads import (
     save_trained_adapter,
 )
 from lora_ext.training.plots import plot_loss
-from lora_ext.training.run_dir import RUN_FILE, check_out_dir, clear_out_dir, write_json_atomic
+from lora_ext.training.run_dir import (
+    RUN_FILE,
+    check_out_dir,
+    clear_out_dir,
+    locked_out_dir,
+    write_json_atomic,
+)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -316,7 +322,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         TrainError / DataError: bad arguments, data or --out, before any training step.
         Interrupted: SIGINT/SIGTERM arrived; a checkpoint of the last whole step was written.
         Diverged: a non-finite loss, gradient or update; nothing of that step is saved.
+
+    --out is locked for the whole run (:func:`~lora_ext.training.run_dir.locked_out_dir`):
+    a second run into the same folder is refused, and a run refused before it wrote
+    anything leaves no --out behind.
     """
+    cfg.validate()
+    with locked_out_dir(Path(cfg.out), enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     run = set_up(cfg)
     resume(run)
     start_run_dir(run)
@@ -360,7 +376,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 file=sys.stderr,
             )
         return {"step": run.step, "status": "stopped"}
-    return finish(run)
+    metrics = finish(run)
+    if run.dist.is_main:  # the same figures as metrics.json (steps only: no eval, no saving)
+        print(
+            f"trained {metrics['steps']} steps in {metrics['train_time_s']:.1f} s "
+            f"({metrics['tokens_per_s']:.0f} tokens/s); {run.out / 'metrics.json'}",
+            file=sys.stderr,
+        )
+    return metrics
 
 
 def set_up(cfg: TrainConfig) -> Run:
@@ -477,6 +500,7 @@ def _run_info(
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
         "versions": _versions(),
         "status": "running",
+        "exported": [],  # the ONNX files written (relative to --out), whoever wrote them
         "adapted_layers": sum(1 for n, _ in model.named_parameters() if ".lora_A." in n),
         "data_fingerprint": _fingerprint(split),
     }
@@ -495,7 +519,7 @@ def resume(run: Run) -> None:
                 file=sys.stderr,
             )
         return
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, expected=_trainable_shapes(run))
     if state["config_digest"] != run.run_info["config_digest"]:
         raise TrainError(f"--resume: {path} belongs to another configuration")
     if state.get("data_fingerprint") != run.run_info["data_fingerprint"]:
@@ -514,6 +538,11 @@ def resume(run: Run) -> None:
     run.step = state["step"]
     run.history, run.evals = state["history"], state["evals"]
     run.train_time = sum(h.get("time_s", 0.0) for h in run.history)
+
+
+def _trainable_shapes(run: Run) -> dict[str, tuple[int, ...]]:
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    return {names[id(p)]: tuple(p.shape) for p in run.trainable}
 
 
 def start_run_dir(run: Run) -> None:
@@ -741,6 +770,13 @@ def _export(run: Run, metrics: dict[str, Any]) -> None:
             f"export failed ({metrics['export_error']}); the adapter is saved in "
             f"{run.out / 'adapter'}: retry with `lora-ext export --adapter {run.out / 'adapter'}`"
         )
+    run.run_info["exported"] = exported_files(run.out) if "export" in metrics else []
+
+
+def exported_files(out: Path) -> list[str]:
+    """The ONNX files under ``out/onnx``, relative to ``out`` (what run.json's "exported"
+    lists)."""
+    return sorted(str(p.relative_to(out)) for p in (out / "onnx").glob("*.onnx"))
 
 
 def _median(values: Sequence[float]) -> float:
@@ -757,15 +793,54 @@ def _format_eval(step: int, result: dict[str, Any], final: bool = False) -> str:
     )
 
 
+class _LineProgress:
+    """Progress for a log file (stderr is not a terminal): one plain line every 5% of the
+    steps (and at least every ``interval`` seconds), never a carriage-return bar. The same
+    methods as the tqdm bar the loop drives."""
+
+    def __init__(self, total: int, initial: int, interval: float = 60.0) -> None:
+        self.total, self.n = total, initial
+        self.every = max(1, total // 20)
+        self.interval = interval
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, **fields: Any) -> None:
+        now = time.perf_counter()
+        if self.n % self.every and self.n != self.total and now - self.last < self.interval:
+            return
+        self.last = now
+        values = " ".join(f"{k}={v}" for k, v in fields.items())
+        print(
+            f"train: step {self.n}/{self.total} ({100 * self.n // self.total}%) {values} "
+            f"[{now - self.t0:.0f} s]",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def write(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(cfg: TrainConfig, dist: Dist, initial: int):
+    """A tqdm bar on a terminal; plain lines (:class:`_LineProgress`) in a log; nothing
+    with --no-progress or on ranks other than 0 (evaluation lines are still printed)."""
     from tqdm.auto import tqdm
 
+    show = cfg.progress and dist.is_main
+    if show and not sys.stderr.isatty():
+        return _LineProgress(cfg.steps, initial)
     return tqdm(
         total=cfg.steps,
         initial=initial,
         desc="train",
         unit="step",
-        disable=not (cfg.progress and dist.is_main),
+        disable=not show,
         dynamic_ncols=True,
     )
 
