@@ -34,7 +34,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     on/off switches, whose help says what they turn on or off)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        switch = isinstance(action, argparse._StoreConstAction)  # incl. store_true/false
         if (
             switch
             or action.default in (None, False, argparse.SUPPRESS)
