@@ -148,8 +148,9 @@ setup(
         "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     },
     # The core (op, layer, inject, PEFT-format io) needs torch (installed first, see the
-    # Makefile), numpy and safetensors; each layer above it adds an extra.
-    install_requires=["numpy", "safetensors"],
+    # Makefile), numpy, safetensors and regex (module-name patterns from adapter configs run
+    # with a time limit); each layer above it adds an extra.
+    install_requires=["numpy", "safetensors", "regex"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["lora-ext = lora_ext.cli:main"]},
     zip_safe=False,

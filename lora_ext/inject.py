@@ -10,19 +10,33 @@ LoraLinear.
 
 from __future__ import annotations
 
+import copy
 import difflib
-import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from lora_ext.config import LoraConfig
+from lora_ext.config import (
+    FLOAT32_MAX,
+    LoraConfig,
+    NameMatcher,
+    Task,
+    matched_entries,
+    names_match,
+    scale_of,
+)
 from lora_ext.layer import LoraLinear, check_adapter_name, is_supported
 
 _CONFIGS_ATTR = "_lora_ext_configs"
+# {adapter name: {"modules_to_save": [...], "task_type": ...}}: the whole modules (e.g. a
+# classifier head) an adapter trains and saves, resolved when it was injected or loaded.
+SAVED_MODULES_ATTR = "_lora_ext_modules_to_save"
+# PEFT's SEQ_CLS task adds these to modules_to_save (PeftModelForSequenceClassification)
+SEQ_CLS_HEADS = ("classifier", "score")
 
 
 # -- bookkeeping ---------------------------------------------------------------------------
@@ -60,14 +74,6 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
-def _name_matches(names: list[str] | str, key: str) -> bool:
-    # PEFT's check_target_module_exists: a string is a regex for the full name; a list
-    # matches the exact name or a dotted suffix.
-    if isinstance(names, str):
-        return re.fullmatch(names, key) is not None
-    return key in names or any(key.endswith("." + n) for n in names)
-
-
 def _close_names(query: str, names: list[str]) -> list[str]:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     close = difflib.get_close_matches(query, leaves, n=5, cutoff=0.5)
@@ -94,29 +100,49 @@ def _unmatched_error(
     )
 
 
-def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+def resolve_targets(
+    model: nn.Module, config: LoraConfig, matcher: NameMatcher | None = None
+) -> list[tuple[str, nn.Module]]:
     """The modules ``config`` selects, as (name, module), validated without touching the
     model: every target_modules entry must match something and every match must be a
     supported layer (nn.Linear, Conv1D, or an already wrapped LoraLinear).
 
-    Raises: ValueError for entries matching nothing (with close names), TypeError for an
-    unsupported layer type.
+    Names are matched with PEFT's rules (``check_target_module_exists``); regexes run with
+    bounded work (``matcher``, a fresh ``NameMatcher`` by default).
+
+    Raises: ValueError for entries matching nothing (with close names) or a regex that
+    runs out of time, TypeError for an unsupported layer type.
     """
+    matcher = matcher or NameMatcher()
     candidates = list(_candidate_modules(model))
     names = [n for n, _ in candidates]
     modules = dict(candidates)
     target = config.target_modules
     exclude = config.exclude_modules
-    selected = [
-        (n, m)
-        for n, m in candidates
-        if _name_matches(target, n) and not (exclude and _name_matches(exclude, n))
-    ]
-    entries = [target] if isinstance(target, str) else target
-    for entry in entries:
-        single: list[str] | str = entry if isinstance(target, str) else [entry]
-        if not any(_name_matches(single, n) for n, _ in selected):
-            raise _unmatched_error(model, entry, names, modules, excluded=bool(exclude))
+    target_set = target if isinstance(target, str) else frozenset(target)
+    exclude_set = exclude if exclude is None or isinstance(exclude, str) else frozenset(exclude)
+    selected = []
+    hit: set[str] = set()  # list entries that select at least one module
+    for n, m in candidates:
+        if isinstance(target_set, str):
+            if not matcher.fullmatch("target_modules", target_set, n):
+                continue
+        else:
+            entries = matched_entries(target_set, n)
+            if not entries:
+                continue
+        if exclude_set and names_match(exclude_set, n, matcher, "exclude_modules"):
+            continue
+        if not isinstance(target_set, str):
+            hit |= entries
+        selected.append((n, m))
+    if isinstance(target, str):
+        if not selected:
+            raise _unmatched_error(model, target, names, modules, excluded=bool(exclude))
+    else:
+        for entry in target:
+            if entry not in hit:
+                raise _unmatched_error(model, entry, names, modules, excluded=bool(exclude))
     for name, module in selected:
         if not (isinstance(module, LoraLinear) or is_supported(module)):
             raise TypeError(
@@ -125,6 +151,83 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
                 "e.g. with a regex or exclude_modules)"
             )
     return selected
+
+
+# -- modules_to_save -----------------------------------------------------------------------
+def select_modules(
+    model: nn.Module, patterns: Sequence[str], arg: str
+) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the modules ``modules_to_save`` entries select: as PEFT does, each
+    module whose dotted name ends with an entry (modules inside a selected one travel with
+    it). Entries that match nothing are skipped, as PEFT does (its SEQ_CLS configs list both
+    "classifier" and "score"); if none matches, ValueError. A module holding LoRA layers is
+    refused: its tensors would mix base weights with an adapter's."""
+    if not patterns:
+        return []
+    wanted = frozenset(patterns)
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        # name.endswith(p) for some p, as a set look-up of every suffix of the name
+        if not name or not any(name[i:] in wanted for i in range(len(name))):
+            continue
+        if any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if any(isinstance(m, LoraLinear) for m in module.modules()):
+            raise ValueError(
+                f"{arg}: {list(patterns)!r} selects {name!r}, which holds LoRA layers; a module "
+                "to save must not also be a LoRA target"
+            )
+        found.append((name, module))
+    if not found:
+        raise ValueError(
+            f"{arg}: {list(patterns)!r} matches no module of {type(model).__name__} "
+            f"(top-level modules: {[n for n, _ in model.named_children()]})"
+        )
+    return found
+
+
+def default_modules_to_save(model: nn.Module) -> tuple[list[str], str | None]:
+    """(modules_to_save, PEFT task_type) that ``modules_to_save=None`` means for ``model``:
+    for a sequence classifier its task head, as PEFT's SEQ_CLS task (a head that was
+    initialised for this task has to learn, and an adapter without it would be useless)."""
+    if Task.of_model(model) is not Task.SEQ_CLS:
+        return [], None
+    heads = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
+    if not heads:
+        raise ValueError(
+            f"modules_to_save: {type(model).__name__} is a sequence classifier without a head "
+            f"named {list(SEQ_CLS_HEADS)}; name its (freshly initialised) head, e.g. "
+            "modules_to_save=['my_head'], so that it trains and is saved with the adapter, or "
+            "pass modules_to_save=[] to keep it frozen"
+        )
+    return heads, "SEQ_CLS"
+
+
+def saved_modules(model: nn.Module, adapter_name: str) -> dict[str, Any]:
+    """{"modules_to_save": [...], "task_type": ...} recorded for an adapter ({} if none)."""
+    return dict(getattr(model, SAVED_MODULES_ATTR, {}).get(adapter_name, {}))
+
+
+def _resolve_saved(
+    model: nn.Module, config: LoraConfig, targets: list[tuple[str, nn.Module]]
+) -> tuple[list[str], str | None]:
+    """(modules_to_save patterns, task_type) for a new adapter, validated: they select
+    modules, and none of them is also a LoRA target."""
+    if config.modules_to_save is None:
+        patterns, task_type = default_modules_to_save(model)
+    else:
+        patterns = list(config.modules_to_save)
+        task_type = "SEQ_CLS" if patterns and Task.of_model(model) is Task.SEQ_CLS else None
+    chosen = select_modules(model, patterns, "modules_to_save")
+    target_names = [n for n, _ in targets]
+    for module_name, _ in chosen:
+        inside = [t for t in target_names if t == module_name or t.startswith(f"{module_name}.")]
+        if inside:
+            raise ValueError(
+                f"modules_to_save selects {module_name!r}, which target_modules also adapts "
+                f"({inside[0]!r}); a module cannot be both"
+            )
+    return patterns, task_type
 
 
 # -- inject --------------------------------------------------------------------------------
@@ -142,8 +245,10 @@ def check_adapter_name_free(model: nn.Module, adapter_name: str) -> None:
 def inject_(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Add LoRA adapter ``adapter_name`` to the layers ``config.target_modules`` selects, in
     place. Matching layers are wrapped in LoraLinear (the original layer becomes its
-    ``base_layer``); every non-LoRA parameter of the model is frozen (biases stay trainable
-    per ``config.bias``).
+    ``base_layer``); every non-LoRA parameter of the model is frozen, except the biases
+    ``config.bias`` trains and the modules of ``config.modules_to_save``: by default, on a
+    sequence classifier, its freshly initialised head (``classifier`` / ``score``), which
+    trains and is saved with the adapter, as PEFT's SEQ_CLS task does.
 
     The first adapter on a model becomes the active one; later adapters are added inactive
     (as PEFT's add_adapter), so their tensors stay frozen until ``set_adapter`` picks them.
@@ -155,58 +260,160 @@ def inject_(model: nn.Module, config: LoraConfig, adapter_name: str = "default")
     )
 
 
-def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, init: str | None) -> nn.Module:
-    """inject_ with the init overridable: load_adapter passes init=None (zeros, no random
-    draws) for tensors it overwrites next, or "pissa" to residualise W as PEFT does."""
+@dataclass
+class InjectPlan:
+    """What ``_inject`` will do, fully validated before the model is touched."""
+
+    adapter_name: str
+    config: LoraConfig
+    init: str | None
+    targets: list[tuple[str, nn.Module, int, float]]  # (name, module, r, alpha)
+    modules_to_save: list[str]
+    task_type: str | None
+    saved: list[tuple[str, nn.Module]] = field(default_factory=list)  # modules_to_save
+
+
+def plan_inject(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    init: str | None,
+    matcher: NameMatcher | None = None,
+) -> InjectPlan:
+    """Validate an injection without touching the model: the targets, each one's rank
+    (at most min(in, out)) and scale (finite in float32), and the modules to save."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config: got {type(config).__name__}, need lora_ext.LoraConfig")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: got {type(model).__name__}, need a torch.nn.Module")
     check_adapter_name(adapter_name)
     check_adapter_name_free(model, adapter_name)
-    existing = adapter_configs(model)
-    in_layers = any(layer.lora_A for _, layer in lora_layers(model))
-    targets = resolve_targets(model, config)
+    matcher = matcher or NameMatcher()
+    targets = resolve_targets(model, config, matcher)
     plans = []
     for name, module in targets:
-        layer = module if isinstance(module, LoraLinear) else None
-        base = layer.base_layer if layer is not None else module
-        r = config.rank_for(name)
-        if init == "pissa":
-            weight = base.weight
-            dims = weight.shape
-            if r > min(dims):
-                raise ValueError(
-                    f"rank for {name!r}: got r={r} with init='pissa', need r <= {min(dims)} "
-                    f"(the smaller side of its weight {tuple(dims)})"
-                )
-            if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-                raise TypeError(
-                    f"init='pissa' on {name!r}: weight dtype {weight.dtype} is not float"
-                )
-        plans.append((name, module, r, config.alpha_for(name)))
+        base = module.base_layer if isinstance(module, LoraLinear) else module
+        weight = base.weight
+        r = config.rank_for(name, matcher)
+        alpha = config.alpha_for(name, matcher)
+        dims = tuple(weight.shape)
+        if r > min(dims):
+            raise ValueError(
+                f"rank for {name!r}: got r={r}, need r <= {min(dims)} (the smaller side of its "
+                f"weight {dims}: a larger rank adds parameters but not expressiveness)"
+            )
+        scale = scale_of(alpha, r, config.use_rslora)
+        if not scale <= FLOAT32_MAX:
+            raise ValueError(
+                f"alpha (lora_alpha): {alpha!r} with r={r} gives {name!r} the scale {scale:.3g}, "
+                f"which overflows float32 (max {FLOAT32_MAX:.3g}); need a smaller alpha"
+            )
+        if init == "pissa" and weight.dtype not in (
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+            torch.float64,
+        ):
+            raise TypeError(f"init='pissa' on {name!r}: weight dtype {weight.dtype} is not float")
+        plans.append((name, module, r, alpha))
+    patterns, task_type = _resolve_saved(model, config, targets)
+    saved = select_modules(model, patterns, "modules_to_save")
+    return InjectPlan(adapter_name, config, init, plans, patterns, task_type, saved)
 
-    # -- from here on nothing can fail on bad input: mutate the model
-    first = not existing and not in_layers
-    for name, module, r, alpha in plans:
-        if isinstance(module, LoraLinear):
-            layer = module
-        else:
-            layer = LoraLinear(module)
-            _set_submodule(model, name, layer)
-        layer.add_adapter(
-            adapter_name,
-            r=r,
-            alpha=alpha,
-            dropout=config.dropout,
-            use_rslora=config.use_rslora,
-            init=init,
-        )
-    configs = dict(existing)
-    configs[adapter_name] = config
-    setattr(model, _CONFIGS_ATTR, configs)
-    active = [adapter_name] if first else active_adapters(model)
-    _apply_active(model, active)
+
+class _Rollback:
+    """Undo a failed injection (and whatever the caller wrote inside it): the module tree,
+    the new adapter on already wrapped layers, their active lists, in-place written tensors
+    (``protect``), every requires_grad flag and the bookkeeping attributes. Used as a
+    context manager around the mutation; on an exception it restores, then re-raises."""
+
+    _ATTRS = (_CONFIGS_ATTR, "_lora_ext_active", SAVED_MODULES_ATTR)
+
+    def __init__(self, model: nn.Module, adapter_name: str, protect: list[torch.Tensor]):
+        self.model = model
+        self.adapter_name = adapter_name
+        self.attrs = {a: copy.copy(model.__dict__[a]) for a in self._ATTRS if a in model.__dict__}
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.layers = [(layer, list(layer.active_adapters)) for _, layer in lora_layers(model)]
+        self.tensors = [(t, t.detach().clone()) for t in protect]
+        self.replaced: list[tuple[str, nn.Module]] = []
+
+    def __enter__(self) -> _Rollback:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is None:
+            return False
+        with torch.no_grad():
+            for name, original in reversed(self.replaced):
+                _set_submodule(self.model, name, original)
+            for layer, active in self.layers:
+                if self.adapter_name in layer.lora_A:
+                    layer.delete_adapter(self.adapter_name)
+                layer.active_adapters = active
+            for tensor, saved in self.tensors:
+                tensor.copy_(saved)
+            for param, flag in self.flags:
+                param.requires_grad_(flag)
+            for attr in self._ATTRS:
+                if attr in self.attrs:
+                    self.model.__dict__[attr] = self.attrs[attr]
+                else:
+                    self.model.__dict__.pop(attr, None)
+        return False
+
+
+def _inject(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    init: str | None,
+    plan: InjectPlan | None = None,
+    fill: Callable[[], None] | None = None,
+    protect: Sequence[torch.Tensor] = (),
+) -> nn.Module:
+    """inject_ with the init overridable: load_adapter passes init=None (zeros, no random
+    draws) for tensors it overwrites next in ``fill`` (called inside the all-or-nothing
+    region; ``protect`` lists the tensors it writes in place), or "pissa" to residualise W
+    as PEFT does. Any exception while the model changes rolls every change back."""
+    if plan is None:
+        plan = plan_inject(model, config, adapter_name, init)
+    existing = adapter_configs(model)
+    first = not existing and not any(layer.lora_A for _, layer in lora_layers(model))
+    protect = list(protect)
+    if init == "pissa":  # PiSSA rewrites each target's W in place
+        protect += [
+            (m.base_layer if isinstance(m, LoraLinear) else m).weight for _, m, _, _ in plan.targets
+        ]
+    with _Rollback(model, adapter_name, protect) as undo:
+        for name, module, r, alpha in plan.targets:
+            if isinstance(module, LoraLinear):
+                layer = module
+            else:
+                layer = LoraLinear(module)
+                _set_submodule(model, name, layer)
+                undo.replaced.append((name, module))
+            layer.add_adapter(
+                adapter_name,
+                r=r,
+                alpha=alpha,
+                dropout=config.dropout,
+                use_rslora=config.use_rslora,
+                init=init,
+            )
+        configs = dict(existing)
+        configs[adapter_name] = config
+        setattr(model, _CONFIGS_ATTR, configs)
+        recorded = dict(getattr(model, SAVED_MODULES_ATTR, {}))
+        if plan.modules_to_save:
+            recorded[adapter_name] = {
+                "modules_to_save": list(plan.modules_to_save),
+                "task_type": plan.task_type,
+            }
+            setattr(model, SAVED_MODULES_ATTR, recorded)
+        if fill is not None:
+            fill()
+        _apply_active(model, [adapter_name] if first else active_adapters(model))
     return model
 
 
@@ -219,7 +426,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def _apply_active(model: nn.Module, names: list[str]) -> None:
     """Set the active adapters on every layer and the trainable flags on the whole model:
     LoRA tensors of active adapters train, everything else is frozen except the biases the
-    active adapters' configs ask for."""
+    active adapters' configs ask for and their modules_to_save (e.g. a classifier head)."""
     model._lora_ext_active = list(names)
     layers = lora_layers(model)
     for _, layer in layers:
@@ -227,10 +434,27 @@ def _apply_active(model: nn.Module, names: list[str]) -> None:
     lora_ids = {
         id(p) for _, layer in layers for d in (layer.lora_A, layer.lora_B) for p in d.values()
     }
-    bias_ids = {id(p) for _, p in _trained_biases(model)}
+    train_ids = {id(p) for _, p in _trained_biases(model)}
+    train_ids |= {id(p) for p in _saved_module_params(model)}
     for param in model.parameters():
         if id(param) not in lora_ids:  # LoRA tensors: set by layer.set_adapter
-            param.requires_grad_(id(param) in bias_ids)
+            param.requires_grad_(id(param) in train_ids)
+
+
+def _saved_module_params(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the active adapters' modules_to_save (shared by all adapters)."""
+    recorded = getattr(model, SAVED_MODULES_ATTR, {})
+    patterns = sorted(
+        {p for n in active_adapters(model) for p in recorded.get(n, {}).get("modules_to_save", [])}
+    )
+    seen: set[int] = set()
+    out = []
+    for _, module in select_modules(model, patterns, "modules_to_save"):
+        for param in module.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                out.append(param)
+    return out
 
 
 def _trained_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -307,6 +531,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             _set_submodule(model, name, layer.base_layer)
     remaining = {n: c for n, c in configs.items() if n != adapter_name}
     active = [n for n in active_adapters(model) if n != adapter_name]
+    recorded = dict(getattr(model, SAVED_MODULES_ATTR, {}))
+    if recorded.pop(adapter_name, None) is not None:
+        setattr(model, SAVED_MODULES_ATTR, recorded)
     if remaining:
         setattr(model, _CONFIGS_ATTR, remaining)
         _apply_active(model, active or [next(iter(remaining))])
@@ -316,7 +543,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 
 
 def _drop_bookkeeping(model: nn.Module) -> None:
-    for attr in (_CONFIGS_ATTR, "_lora_ext_active"):
+    for attr in (_CONFIGS_ATTR, "_lora_ext_active", SAVED_MODULES_ATTR):
         if attr in model.__dict__:
             delattr(model, attr)
 
@@ -324,18 +551,24 @@ def _drop_bookkeeping(model: nn.Module) -> None:
 # -- parameters ----------------------------------------------------------------------------
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The tensors training updates: lora_A and lora_B of the active adapters, in module
-    order, plus the biases their config trains (``bias="all"/"lora_only"``).
+    order, plus the biases their config trains (``bias="all"/"lora_only"``) and the
+    parameters of their ``modules_to_save`` (e.g. a sequence classifier's head).
 
     Right after inject_ / set_adapter this is exactly the set of parameters with
-    requires_grad (parameters the caller unfreezes later, e.g. a head, are not included).
+    requires_grad (parameters the caller unfreezes later are not included).
     """
     _require_adapters(model, "lora_parameters")
     groups = _split_params(model)
-    return groups["lora_A"] + groups["lora_B"] + groups["bias"]
+    return groups["lora_A"] + groups["lora_B"] + groups["bias"] + groups["modules_to_save"]
 
 
 def _split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    out: dict[str, list[nn.Parameter]] = {"lora_A": [], "lora_B": [], "bias": []}
+    out: dict[str, list[nn.Parameter]] = {
+        "lora_A": [],
+        "lora_B": [],
+        "bias": [],
+        "modules_to_save": [],
+    }
     lora_ids = set()
     for _, layer in lora_layers(model):
         for name in layer.active_adapters:
@@ -343,6 +576,10 @@ def _split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
             out["lora_B"].append(layer.lora_B[name])
         lora_ids.update(id(p) for d in (layer.lora_A, layer.lora_B) for p in d.values())
     out["bias"] = [p for _, p in _trained_biases(model) if id(p) not in lora_ids]
+    bias_ids = {id(p) for p in out["bias"]}
+    out["modules_to_save"] = [
+        p for p in _saved_module_params(model) if id(p) not in lora_ids | bias_ids
+    ]
     return out
 
 
@@ -353,8 +590,10 @@ def lora_param_groups(
     faster than A.
 
     Returns: [{"name": "lora_A", "params": [...], "lr": lr, "weight_decay": weight_decay},
-    {"name": "lora_B", ..., "lr": lr * lr_ratio}, and {"name": "bias", ..., "lr": lr,
-    "weight_decay": 0.0} when biases train]. Pass it to any torch optimizer.
+    {"name": "lora_B", ..., "lr": lr * lr_ratio}, {"name": "bias", ..., "lr": lr,
+    "weight_decay": 0.0} when biases train, and {"name": "modules_to_save", ..., "lr": lr,
+    "weight_decay": weight_decay} when whole modules train (a sequence classifier's head)].
+    Pass it to any torch optimizer.
     """
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr: got {lr!r}, need a positive float")
@@ -371,6 +610,12 @@ def lora_param_groups(
             "weight_decay": weight_decay,
         },
         {"name": "bias", "params": split["bias"], "lr": lr, "weight_decay": 0.0},
+        {
+            "name": "modules_to_save",
+            "params": split["modules_to_save"],
+            "lr": lr,
+            "weight_decay": weight_decay,
+        },
     ]
     return [g for g in groups if g["params"]]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_ext.config import LoraConfig
+from lora_ext import ops
+from lora_ext.config import LoraConfig, NameMatcher, scale_of
 from lora_ext.inject import (
     _inject,
     adapter_configs,
-    check_adapter_name_free,
     lora_layers,
-    resolve_targets,
+    plan_inject,
+    saved_modules,
+    select_modules,
 )
 from lora_ext.layer import LoraLinear, check_adapter_name
 
@@ -47,9 +50,13 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-# {adapter name: {"modules_to_save": [...], "task_type": ...}} for adapters loaded with
-# modules_to_save, so that save_adapter writes them back the same way by default.
-_SAVED_MODULES_ATTR = "_lora_ext_modules_to_save"
+MAX_CONFIG_BYTES = 1 << 20  # PEFT's adapter_config.json is a few KB
+# The largest factor by which a loaded adapter's update may multiply an input: max |s B A x|
+# <= s ||B||_inf ||A||_inf max |x| (max absolute row sums). Hidden states above
+# sqrt(float32 max) ~ 1.8e19 overflow when squared by the norm or attention that follows,
+# so an update that can scale inputs of magnitude 1e3 past that yields NaN logits. Real
+# adapters sit below 1e4 (trained: ~1e2; PiSSA: ~1e4); 3e38 in lora_B is far above.
+MAX_ADAPTER_GAIN = 1e16
 
 
 def _pickle_error(path: Path) -> ValueError:
@@ -61,10 +68,25 @@ def _pickle_error(path: Path) -> ValueError:
     )
 
 
+def _kind(path: Path) -> str:
+    """ "file", "dir", "missing" or what else the path is (after symlinks)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # missing, dangling or looping symlink, no permission
+        return "missing"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "special file (FIFO, device or socket)"
+
+
 def _find_files(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(config path, safetensors path) for an adapter directory or its weights file."""
+    """(config path, safetensors path) for an adapter directory or its weights file; both
+    must be regular files (symlinks are followed, as in a Hugging Face cache folder)."""
     path = Path(path)
-    if path.is_file():
+    kind = _kind(path)
+    if kind == "file":
         if path.suffix in PICKLE_SUFFIXES:
             raise _pickle_error(path)
         if path.suffix != ".safetensors":
@@ -72,20 +94,58 @@ def _find_files(path: str | os.PathLike) -> tuple[Path, Path]:
                 f"path: got {str(path)!r}, need an adapter directory or a .safetensors file"
             )
         weights, folder = path, path.parent
-    elif path.is_dir():
+    elif kind == "dir":
         folder = path
         weights = folder / WEIGHTS_NAME
-        if not weights.is_file():
+        weights_kind = _kind(weights)
+        if weights_kind == "missing":
             pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if pickles:
                 raise _pickle_error(pickles[0])
             raise FileNotFoundError(f"path: {str(path)!r} has no {WEIGHTS_NAME}")
-    else:
+        if weights_kind != "file":
+            raise ValueError(f"{weights}: is a {weights_kind}, need a regular file")
+    elif kind == "missing":
         raise FileNotFoundError(f"path: {str(path)!r} does not exist")
+    else:
+        raise ValueError(f"path: {str(path)!r} is a {kind}, need an adapter directory")
     config = folder / CONFIG_NAME
-    if not config.is_file():
+    config_kind = _kind(config)
+    if config_kind == "missing":
         raise FileNotFoundError(f"path: {str(folder)!r} has no {CONFIG_NAME}")
+    if config_kind != "file":
+        raise ValueError(f"{config}: is a {config_kind}, need a regular file")
     return config, weights
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """The JSON object of adapter_config.json: a regular file of at most MAX_CONFIG_BYTES,
+    UTF-8, strict JSON (no NaN / Infinity literals)."""
+    try:  # O_NONBLOCK: a FIFO swapped in after the check cannot block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path}: is not a regular file")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes; not an adapter config")
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON value")
+
+    try:
+        raw = json.loads(data.decode("utf-8"), parse_constant=no_constant)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: need a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def _default_adapter(model: nn.Module) -> str:
@@ -128,34 +188,6 @@ def _module_names_arg(arg: str, value: Any) -> list[str]:
     return list(value)
 
 
-def _select_modules(model: nn.Module, patterns: list[str], arg: str) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the modules that ``modules_to_save`` entries select: as PEFT does,
-    each module whose dotted name ends with an entry (modules inside a selected one travel
-    with it). Entries that match nothing are skipped, as PEFT does (its SEQ_CLS configs list
-    both "classifier" and "score"); if none matches, ValueError. A module holding LoRA layers
-    is refused: its tensors would mix base weights with an adapter's."""
-    if not patterns:
-        return []
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if not name or not any(name.endswith(p) for p in patterns):
-            continue
-        if any(name.startswith(f"{outer}.") for outer, _ in found):
-            continue
-        if any(isinstance(m, LoraLinear) for m in module.modules()):
-            raise ValueError(
-                f"{arg}: {patterns!r} selects {name!r}, which holds LoRA layers; a module "
-                "to save must not also be a LoRA target"
-            )
-        found.append((name, module))
-    if not found:
-        raise ValueError(
-            f"{arg}: {patterns!r} matches no module of {type(model).__name__} "
-            f"(top-level modules: {[n for n, _ in model.named_children()]})"
-        )
-    return found
-
-
 def _module_tensors(modules: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     """{"<module>.<state_dict key>": the live parameter or buffer} of the selected modules."""
     return {
@@ -181,11 +213,13 @@ def save_adapter(
         modules_to_save: PEFT's ``modules_to_save``: names of whole modules saved with the
             adapter (e.g. ``["classifier"]``, a trained head; every tensor of its
             ``state_dict``, as ``base_model.model.classifier.weight`` [labels, hidden] ...).
-            Default: what the adapter was loaded with (see ``load_adapter``), else none.
+            Default: the adapter's own (``LoraConfig.modules_to_save``: by default a
+            sequence classifier's head; or what it was loaded with, see ``load_adapter``).
             These modules are shared by all adapters on the model (one copy, not PEFT's one
             per adapter), so their current values are written.
-        task_type: PEFT's ``task_type`` for the config (e.g. ``"SEQ_CLS"``). Default: what
-            the adapter was loaded with, else None.
+        task_type: PEFT's ``task_type`` for the config (e.g. ``"SEQ_CLS"``). Default:
+            "SEQ_CLS" for an adapter that saves a sequence classifier's head, what the
+            adapter was loaded with, else None.
 
     Returns: the directory path.
     """
@@ -204,13 +238,13 @@ def save_adapter(
     params = dict(model.named_parameters())
     for bias_name in _bias_names(model, config, [n for n, _ in layers]):
         tensors[PREFIX + bias_name] = params[bias_name].detach()
-    recorded = getattr(model, _SAVED_MODULES_ATTR, {}).get(name, {})
+    recorded = saved_modules(model, name)
     if modules_to_save is None:
         modules_to_save = recorded.get("modules_to_save")
     if task_type is None:
         task_type = recorded.get("task_type")
     patterns = _module_names_arg("modules_to_save", modules_to_save)
-    for key, tensor in _module_tensors(_select_modules(model, patterns, "modules_to_save")).items():
+    for key, tensor in _module_tensors(select_modules(model, patterns, "modules_to_save")).items():
         tensors[PREFIX + key] = tensor.detach()
     tensors = {k: v.to("cpu").contiguous() for k, v in tensors.items()}
 
@@ -239,11 +273,16 @@ def load_adapter(
 ) -> nn.Module:
     """Load a PEFT-format adapter (saved by PEFT or by ``save_adapter``) into ``model``.
 
-    All or nothing: the config, every key and every shape (LoRA tensors and
-    ``modules_to_save`` tensors alike) are checked against the model before it is touched;
-    on a mismatch ValueError names the first one and the model is exactly as before. The
-    adapter becomes active if it is the model's first one (else ``set_adapter`` picks it,
-    as in PEFT).
+    All or nothing: the config, every key, shape and dtype (from the safetensors header,
+    before any tensor is read), then every value are checked before the model is touched;
+    a failure while the model changes rolls it back. On any error the model is exactly as
+    before (bit for bit, trainable flags included). Refused, with the field or tensor named:
+    a config that is not strict JSON, of the wrong type or range (nothing is coerced:
+    ``r: 4.9`` is an error), regexes that are invalid, too complex or that run too long
+    (``NameMatcher``), a NaN/Inf tensor, a value that overflows the dtype it is used in, a
+    scale that overflows float32, an update whose gain exceeds ``MAX_ADAPTER_GAIN``,
+    pickles, and files that are not regular files. The adapter becomes active if it is the
+    model's first one (else ``set_adapter`` picks it, as in PEFT).
 
     ``modules_to_save`` (e.g. the classifier head of a PEFT SEQ_CLS adapter, saved as
     ``base_model.model.classifier.weight`` [labels, hidden] and ``.bias`` [labels]): every
@@ -259,119 +298,204 @@ def load_adapter(
 
     Returns: ``model``.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     check_adapter_name(adapter_name)
     config_path, weights_path = _find_files(path)
+    raw = _read_config(config_path)
+    config = LoraConfig.from_peft_dict(raw)
+    task_type = raw.get("task_type")
+    if task_type is not None and not isinstance(task_type, str):
+        raise ValueError(f"{CONFIG_NAME}: task_type: got {task_type!r}, need a string or null")
+    init = "pissa" if config.init == "pissa" else None
     try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_path}: need a JSON object, got {type(raw).__name__}")
-    patterns = _module_names_arg(f"{CONFIG_NAME} modules_to_save", raw.get("modules_to_save"))
-    # LoraConfig describes the LoRA part only; the saved modules are handled here.
-    config = LoraConfig.from_peft_dict({**raw, "modules_to_save": None})
-    try:
-        state = load_file(str(weights_path))
-    except SafetensorError as exc:
-        raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-
-    check_adapter_name_free(model, adapter_name)
-    targets = resolve_targets(model, config)
-    saved_modules = _select_modules(model, patterns, f"{CONFIG_NAME} modules_to_save")
-    target_names = {n for n, _ in targets}
-    for module_name, _ in saved_modules:
-        inside = [t for t in target_names if t == module_name or t.startswith(f"{module_name}.")]
-        if inside:
-            raise ValueError(
-                f"{CONFIG_NAME}: modules_to_save selects {module_name!r}, which target_modules "
-                f"also adapts ({inside[0]!r}); a module cannot be both"
-            )
-    module_tensors = _module_tensors(saved_modules)
+        plan = plan_inject(model, config, adapter_name, init, NameMatcher(where=f"{CONFIG_NAME}: "))
+    except ValueError as exc:
+        msg = str(exc)
+        raise ValueError(msg if msg.startswith(CONFIG_NAME) else f"{CONFIG_NAME}: {msg}") from None
+    plan.task_type = task_type
+    module_tensors = _module_tensors(plan.saved)
+    patterns = plan.modules_to_save
 
     # expected tensors, with the names the model will have after injection
     expected: dict[str, tuple[int, ...]] = {}
+    weights: dict[str, torch.Tensor] = {}  # layer name -> its base weight [out, in] view
     wrapped: set[str] = set()
-    for module_name, module in targets:
+    for module_name, module, r, _ in plan.targets:
         base = module.base_layer if isinstance(module, LoraLinear) else module
         out_f, in_f = base.weight.shape
+        weight = base.weight
         if not isinstance(base, nn.Linear):  # Conv1D: weight [in, out]
             out_f, in_f = in_f, out_f
-        r = config.rank_for(module_name)
+            weight = weight.t()
         expected[f"{module_name}.lora_A.weight"] = (r, in_f)
         expected[f"{module_name}.lora_B.weight"] = (out_f, r)
+        weights[module_name] = weight
         if not isinstance(module, LoraLinear):
             wrapped.add(module_name)
     post_params = {_post_name(n, wrapped): p for n, p in model.named_parameters()}
 
-    loaded: dict[str, torch.Tensor] = {}
-    for key in sorted(state):
-        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        tensor = state[key]
+    def fits(key: str, name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor | None:
+        """The model tensor ``name`` will be copied into (None for a LoRA tensor), after
+        checking that the key belongs to the adapter and its shape and dtype fit."""
+        floating = dtype.startswith(("F", "BF"))
+        target: torch.Tensor | None = None
         if name in module_tensors:
             target = module_tensors[name]
             need = tuple(target.shape)
-            if tensor.is_floating_point() != target.is_floating_point():
+            if floating != target.is_floating_point():
                 raise ValueError(
-                    f"{weights_path.name}: key {key!r} has dtype {tensor.dtype} but the model's "
+                    f"{weights_path.name}: key {key!r} has dtype {dtype} but the model's "
                     f"tensor is {target.dtype}"
                 )
         elif name in expected:
             need = expected[name]
         elif "bias" in name.rsplit(".", 1)[-1] and name in post_params and config.bias != "none":
-            need = tuple(post_params[name].shape)
+            target = post_params[name]
+            need = tuple(target.shape)
         else:
             raise ValueError(
                 f"{weights_path.name}: key {key!r} does not fit the model: no such LoRA "
                 f"tensor for target_modules={config.target_modules!r} nor tensor of "
                 f"modules_to_save={patterns!r} (expected keys like {PREFIX}{next(iter(expected))})"
             )
-        if tuple(tensor.shape) != need:
+        if shape != need:
             raise ValueError(
-                f"{weights_path.name}: key {key!r} has shape {list(tensor.shape)} but the model "
+                f"{weights_path.name}: key {key!r} has shape {list(shape)} but the model "
                 f"needs {list(need)}"
             )
-        if not tensor.is_floating_point() and name not in module_tensors:
+        if not floating and name not in module_tensors:
             raise ValueError(
-                f"{weights_path.name}: key {key!r} has dtype {tensor.dtype}, need floating point"
+                f"{weights_path.name}: key {key!r} has dtype {dtype}, need floating point"
             )
-        loaded[name] = tensor
-    missing = [n for n in expected if n not in loaded]
-    if missing:
-        raise ValueError(
-            f"{weights_path.name}: missing key {PREFIX + missing[0]!r} ({len(missing)} missing "
-            f"of {len(expected)} LoRA tensors the config selects)"
-        )
-    missing = [n for n in module_tensors if n not in loaded]
-    if missing:
-        raise ValueError(
-            f"{weights_path.name}: missing key {PREFIX + missing[0]!r} ({len(missing)} missing "
-            f"of {len(module_tensors)} tensors of modules_to_save={patterns!r})"
-        )
+        return target
 
-    # everything fits: now change the model. PiSSA residualises W exactly as PEFT does on
-    # load; otherwise A and B start at zero (no random draws) and are overwritten here.
-    _inject(model, config, adapter_name, init="pissa" if config.init == "pissa" else None)
-    layers = dict(lora_layers(model))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in loaded.items():
-            module_name, _, leaf = name.rpartition(".")
-            if name in module_tensors:  # the live tensor of the (unwrapped) saved module
-                module_tensors[name].copy_(tensor)
-            elif leaf == "weight" and module_name.endswith((".lora_A", ".lora_B")):
-                layer_name, _, which = module_name.rpartition(".")
-                table = getattr(layers[layer_name], which)
-                table[adapter_name].copy_(tensor)
-            else:
-                params[name].copy_(tensor)
-    if patterns:
-        recorded = dict(getattr(model, _SAVED_MODULES_ATTR, {}))
-        recorded[adapter_name] = {"modules_to_save": patterns, "task_type": raw.get("task_type")}
-        setattr(model, _SAVED_MODULES_ATTR, recorded)
+    loaded: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            # 1. keys, shapes and dtypes from the header, before any tensor is read
+            names: dict[str, str] = {}  # file key -> tensor name in the model
+            into: dict[str, torch.Tensor | None] = {}  # tensor name -> model tensor it sets
+            for key in sorted(f.keys()):
+                name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+                if name in into:
+                    raise ValueError(
+                        f"{weights_path.name}: key {key!r} names the same tensor as another key"
+                    )
+                piece = f.get_slice(key)
+                into[name] = fits(key, name, tuple(piece.get_shape()), piece.get_dtype())
+                names[key] = name
+            missing = [n for n in expected if n not in into]
+            if missing:
+                raise ValueError(
+                    f"{weights_path.name}: missing key {PREFIX + missing[0]!r} ({len(missing)} "
+                    f"missing of {len(expected)} LoRA tensors the config selects)"
+                )
+            missing = [n for n in module_tensors if n not in into]
+            if missing:
+                raise ValueError(
+                    f"{weights_path.name}: missing key {PREFIX + missing[0]!r} ({len(missing)} "
+                    f"missing of {len(module_tensors)} tensors of modules_to_save={patterns!r})"
+                )
+            # 2. the values: finite, and representable where they will be used
+            for key, name in names.items():
+                tensor = f.get_tensor(key)
+                target = into[name]
+                if target is None:  # the forward casts A and B to the base weight's dtype
+                    dtype = weights[name.rsplit(".", 2)[0]].dtype
+                else:
+                    dtype = target.dtype
+                _check_values(weights_path.name, key, tensor, dtype)
+                loaded[name] = tensor
+    except SafetensorError as exc:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{weights_path}: cannot be read ({exc})") from None
+
+    # 3. each layer's update: scale, gain, and (float16 weights) the merged weight
+    if init != "pissa":  # PiSSA's W is replaced at load; its factors come from W's SVD
+        for module_name, _, r, alpha in plan.targets:
+            a = loaded[f"{module_name}.lora_A.weight"]
+            b = loaded[f"{module_name}.lora_B.weight"]
+            _check_update(
+                weights_path.name,
+                module_name,
+                weights[module_name],
+                a,
+                b,
+                scale_of(alpha, r, config.use_rslora),
+            )
+
+    # everything fits: now change the model (rolled back if anything fails on the way).
+    # PiSSA residualises W exactly as PEFT does on load; otherwise A and B start at zero
+    # (no random draws) and are overwritten here.
+    protect = list(module_tensors.values())
+    protect += [post_params[n] for n in loaded if n in post_params and n not in module_tensors]
+
+    def fill() -> None:
+        layers = dict(lora_layers(model))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in loaded.items():
+                module_name, _, leaf = name.rpartition(".")
+                if name in module_tensors:  # the live tensor of the (unwrapped) saved module
+                    module_tensors[name].copy_(tensor)
+                elif leaf == "weight" and module_name.endswith((".lora_A", ".lora_B")):
+                    layer_name, _, which = module_name.rpartition(".")
+                    table = getattr(layers[layer_name], which)
+                    table[adapter_name].copy_(tensor)
+                else:
+                    params[name].copy_(tensor)
+
+    _inject(model, config, adapter_name, init, plan=plan, fill=fill, protect=protect)
     return model
+
+
+def _check_values(file: str, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """A floating tensor must be finite and fit ``dtype`` (the dtype it is used in)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    t = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.to(torch.float32)
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{file}: key {key!r} has {int(bad.sum())} non-finite values (first: "
+            f"{float(t[where])} at {list(where)}); an adapter must be finite"
+        )
+    if dtype.is_floating_point:
+        big = float(t.abs().max())
+        limit = torch.finfo(dtype).max
+        if big > limit:
+            raise ValueError(
+                f"{file}: key {key!r} holds {big:.3g}, which overflows {dtype} (max "
+                f"{limit:.3g}), the dtype the model uses it in"
+            )
+
+
+def _check_update(
+    file: str, name: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+) -> None:
+    """The update s B A of one layer must not blow up activations (MAX_ADAPTER_GAIN) nor,
+    merged into a float16 weight, overflow it."""
+    a64 = a.to(torch.float64)
+    b64 = b.to(torch.float64)
+    gain = scale * float(b64.abs().sum(1).max()) * float(a64.abs().sum(1).max())
+    if not gain <= MAX_ADAPTER_GAIN:  # also catches inf / nan
+        raise ValueError(
+            f"{file}: the update of {name!r} (scale {scale:.3g} x lora_B x lora_A) can "
+            f"multiply an input by up to {gain:.3g}, more than {MAX_ADAPTER_GAIN:.0e}: its "
+            "activations would overflow float32 (lora_A/lora_B values or lora_alpha too "
+            "large for a trained adapter)"
+        )
+    if weight.dtype == torch.float16 and not weight.is_meta:
+        a32 = a.to(weight.device, torch.float32)
+        b32 = b.to(weight.device, torch.float32)
+        if not ops.merge_is_safe(weight.detach(), a32, b32, scale):
+            raise ValueError(
+                f"{file}: the update of {name!r} would overflow its float16 weight "
+                f"(max {torch.finfo(torch.float16).max:.0f})"
+            )
 
 
 def _post_name(param_name: str, wrapped: set[str]) -> str:

@@ -130,6 +130,7 @@ def add_lora(cfg: TrainConfig, model: nn.Module, task: TaskSpec) -> list[dict[st
         target_modules=resolve_targets(cfg, model),
         use_rslora=cfg.rslora,
         init=cfg.init,
+        modules_to_save=[],  # the head is trained and saved below, in its own param group
     )
     try:
         layers = lora_ext.inject.resolve_targets(model, lcfg)

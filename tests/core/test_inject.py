@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -343,3 +344,60 @@ def test_api_errors(gpt2):
     lora_ext.merge_(model)
     with pytest.raises(ValueError, match="unmerge_"):
         lora_ext.delete_adapter(model, "default")
+
+
+# -- a sequence classifier's head: trained and saved by default, as PEFT's SEQ_CLS --------
+def test_seq_cls_head_trains_and_is_saved_by_default(minilm_classifier, tmp_path):
+    import copy
+
+    import peft
+    from safetensors.torch import load_file
+
+    model = lora_ext.inject_(minilm_classifier.fresh(), LoraConfig(r=2, target_modules=["query"]))
+    head = dict(model.classifier.named_parameters())
+    assert all(p.requires_grad for p in head.values())
+    groups = {g["name"]: g for g in lora_ext.lora_param_groups(model, lr=1e-2)}
+    assert {id(p) for p in groups["modules_to_save"]["params"]} == {id(p) for p in head.values()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in lora_ext.lora_parameters(model)}
+    # one step moves the head (it was frozen and random before this fix)
+    before = model.classifier.weight.detach().clone()
+    opt = torch.optim.SGD(lora_ext.lora_param_groups(model, lr=1e-1), lr=1e-1)
+    model.train()
+    out = model(**minilm_classifier.inputs, labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    opt.step()
+    assert not torch.equal(model.classifier.weight, before)
+    model.eval()
+    # saved as PEFT saves a SEQ_CLS adapter, and PEFT reproduces our logits
+    lora_ext.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(minilm_classifier.model), tmp_path)
+    torch.testing.assert_close(
+        minilm_classifier.run(theirs.eval()), minilm_classifier.run(model), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_seq_cls_head_opt_out_and_unnamed_head(minilm_classifier, tmp_path):
+    model = lora_ext.inject_(
+        minilm_classifier.fresh(), LoraConfig(r=2, target_modules=["query"], modules_to_save=[])
+    )
+    assert not any(p.requires_grad for p in model.classifier.parameters())
+    lora_ext.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] is None
+
+    class TinyForSequenceClassification(torch.nn.Module):  # a head PEFT's names miss
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 2)
+
+    other = TinyForSequenceClassification()
+    with pytest.raises(ValueError, match=r"without a head named.*modules_to_save=\['my_head'\]"):
+        lora_ext.inject_(other, LoraConfig(r=2, target_modules=["body"]))
+    assert isinstance(other.body, torch.nn.Linear)  # unchanged
+    lora_ext.inject_(other, LoraConfig(r=2, target_modules=["body"], modules_to_save=["head"]))
+    assert all(p.requires_grad for p in other.head.parameters())

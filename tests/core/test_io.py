@@ -395,3 +395,60 @@ def test_bad_head_leaves_model_unchanged(minilm_classifier, peft_seq_cls, snapsh
         with pytest.raises(ValueError, match=match):
             lora_ext.load_adapter(model, path, adapter_name="new")
         snap()
+
+
+# -- all or nothing, also when something fails while the model is being changed ------------
+@pytest.mark.parametrize("fail_at", ["third layer", "after every tensor was written"])
+@pytest.mark.parametrize("init", ["kaiming", "pissa"])
+def test_failure_while_loading_rolls_everything_back(
+    gpt2, tmp_path, randomize, snapshot, monkeypatch, fail_at, init
+):
+    import lora_ext.inject as inject
+    from lora_ext.layer import LoraLinear
+
+    cfg = LoraConfig(r=4, target_modules=["c_attn", "c_fc"], bias="lora_only", init=init)
+    source = lora_ext.inject_(gpt2.fresh(), cfg)
+    randomize(source)
+    path = lora_ext.save_adapter(source, tmp_path / "adapter")
+    model = lora_ext.inject_(gpt2.fresh(), LoraConfig(r=2, target_modules=["c_attn"]), "kept")
+    snap = snapshot(model)
+    if fail_at == "third layer":
+        calls = []
+        real = LoraLinear.add_adapter
+
+        def add_adapter(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise MemoryError("simulated")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(LoraLinear, "add_adapter", add_adapter)
+    else:  # the LoRA tensors, biases and (PiSSA) residualised weights are all written
+
+        def boom(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(inject, "_apply_active", boom)
+    with pytest.raises((MemoryError, KeyboardInterrupt)):
+        lora_ext.load_adapter(model, path, adapter_name="new")
+    snap()
+    monkeypatch.undo()  # and the model still works: the same adapter now loads
+    lora_ext.load_adapter(model, path, adapter_name="new")
+    lora_ext.set_adapter(model, "new")
+    assert len(lora_layers(model)) == 4
+
+
+def test_head_write_is_rolled_back(minilm_classifier, peft_seq_cls, snapshot, monkeypatch):
+    import lora_ext.inject as inject
+
+    _, path = peft_seq_cls
+    model = minilm_classifier.fresh()
+    snap = snapshot(model)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(inject, "_apply_active", boom)
+    with pytest.raises(RuntimeError):
+        lora_ext.load_adapter(model, path)
+    snap()  # the classifier head the file carries was written, then restored
