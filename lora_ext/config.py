@@ -391,7 +391,8 @@ class LoraConfig:
             raise ValueError(f"{where}peft_type is {peft_type!r}, need 'LORA'")
         for key, default in _PEFT_UNSUPPORTED.items():
             value = data.get(key, default)
-            if value not in (default, None, False, [], {}):
+            unset = value is None or value is False or value == [] or value == {}
+            if not unset and not (type(value) is type(default) and value == default):
                 raise ValueError(
                     f"{where}{key}={_short(value)} is a PEFT feature lora_ext does not "
                     f"implement (need {default!r})"
