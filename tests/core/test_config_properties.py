@@ -2,32 +2,27 @@
 
 Matching is compared with PEFT itself (``check_target_module_exists``, ``get_pattern_key``)
 and with Python's ``re``: the bounded-work matcher must give PEFT's answers. Parsing must
-round-trip and never coerce. A fixed seed and a modest example count keep CI quick and
-reproducible; LORA_EXT_HYPOTHESIS_EXAMPLES=2000 runs deeper.
+round-trip and never coerce. The example count and seed come from the profiles in
+tests/conftest.py (CI: "ci", fixed seed; ``--hypothesis-profile=long`` goes deep).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from lora_ext import LoraConfig
-from lora_ext.config import NameMatcher, check_pattern, names_match
+pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
-EXAMPLES = int(os.environ.get("LORA_EXT_HYPOTHESIS_EXAMPLES", "60"))
-SETTINGS = settings(
-    max_examples=EXAMPLES,
-    derandomize=EXAMPLES <= 200,  # CI: the same examples every run
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+from lora_ext import LoraConfig  # noqa: E402
+from lora_ext.config import NameMatcher, check_pattern, names_match  # noqa: E402
+
+SETTINGS = settings(deadline=None)  # the rest from the loaded profile
 
 SEGMENTS = ["a", "b", "q", "layer", "0", "1", "12", "attn", "c_attn", "query", "q_proj", "x.y"]
 segment = st.sampled_from([s for s in SEGMENTS if "." not in s])
