@@ -361,7 +361,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 if run.dist.is_main:
                     progress.write(_format_eval(run.step, result))
             if run.step % cfg.save_every == 0 or run.step == run.stop_at or interrupted:
-                write_checkpoint(run)
+                try:
+                    write_checkpoint(run)
+                except OSError as exc:  # disk full...: run.json must not say "running"
+                    progress.close()
+                    with contextlib.suppress(OSError):
+                        _set_status(run, f"failed at step {run.step}: {exc.strerror}")
+                    raise
             if interrupted:
                 progress.close()
                 path = find_checkpoint(run.ckpt_dir) if run.dist.is_main else None

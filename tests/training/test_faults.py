@@ -152,6 +152,8 @@ def test_disk_full_while_checkpointing(tmp_path):
     assert "--resume" in line
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert _latest_step(out) == 1
+    status = json.loads((out / "run.json").read_text())["status"]
+    assert status.startswith("failed at step 2: File too large"), status
     assert not (out / LOCK_FILE).exists()
     assert run_cli(["train", *TINY, "--steps", "4", "--resume", "--out", str(out)])[0] == 0
 
