@@ -22,7 +22,12 @@ from lora_ext.training.trainer import Diverged, Interrupted, TrainConfig, TrainE
 
 
 def _csv_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    """'a,b,c' -> ['a', 'b', 'c']; an empty name ('a,,b', 'a,') is an error, not dropped
+    (a dropped class name would shift every label after it)."""
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"got {text!r}; need comma-separated non-empty names")
+    return names
 
 
 def _optional_float(text: str) -> float | None:

@@ -68,6 +68,7 @@ ROWS = [
     ("unknown-data", ["--data", "imdb"], ["imdb", "bundled"]),
     ("missing-text-column", ["--data", "{good}", "--text-column", "body"], ["'body'", "--text-column"]),
     ("duplicate-classes", ["--data", "{good}", "--classes", "neg,neg"], ["distinct"]),
+    ("empty-class-name", ["--data", "{good}", "--classes", "neg,,pos"], ["--classes", "'neg,,pos'"]),
     # numbers
     ("alpha-inf", ["--alpha", "inf"], ["--alpha", "inf"]),
     ("alpha-nan", ["--alpha", "nan"], ["--alpha", "nan"]),
@@ -116,6 +117,7 @@ ROWS = [
     ("device-cuda-garbage", ["--device", "cuda:abc"], ["--device", "cuda:abc"]),
     ("device-cuda-absent", ["--device", "cuda"], ["--device", "cuda"]),
     ("targets-empty", ["--targets", ","], ["--targets"]),
+    ("targets-trailing-comma", ["--targets", "query,"], ["--targets", "'query,'"]),
     ("targets-nothing", ["--targets", "querry"], ["--targets", "'querry'"]),
     ("model-missing", ["--model", "{tmp}/nowhere"], ["--model", "nowhere"]),
     ("model-dir-without-config", ["--model", "{model_dir}"], ["--model", "not_a_model"]),
