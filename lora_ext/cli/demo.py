@@ -95,13 +95,14 @@ def demo_out(args: argparse.Namespace) -> Path:
         TrainError: --out holds earlier results (or is a file) and --overwrite is not given.
     """
     from lora_ext.training.config import TrainError
+    from lora_ext.training.run_dir import LOCK_FILE
 
     if args.out is None:
         return Path("runs/demo") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out: {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not args.overwrite:
         raise TrainError(
             f"--out: {out} holds earlier results; pass --overwrite to replace them, or "
             "leave --out out for a new runs/demo/<time> folder"
@@ -114,7 +115,19 @@ def _say(message: str) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Train, export, evaluate; returns the results (also written to <out>/demo.json)."""
+    """Train, export, evaluate; returns the results (also written to <out>/demo.json).
+    --out is locked for the whole demo (a second demo or train into it is refused)."""
+    from lora_ext.training.config import TrainError
+    from lora_ext.training.run_dir import locked_out_dir
+
+    if args.latency_sentences < 1:
+        raise TrainError(f"--latency-sentences: got {args.latency_sentences}; need an integer >= 1")
+    out = demo_out(args)
+    with locked_out_dir(out):
+        return _run_demo(args, out)
+
+
+def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -122,19 +135,15 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from lora_ext.export.quantize import CALIBRATION_SAMPLES
     from lora_ext.training import data as D
     from lora_ext.training import models
-    from lora_ext.training.run_dir import RUN_FILE, write_json_atomic
+    from lora_ext.training.run_dir import LOCK_FILE, RUN_FILE, write_json_atomic
     from lora_ext.training.trainer import (
         TrainConfig,
-        TrainError,
         exported_files,
         load_trained_adapter,
         quiet_transformers,
         train,
     )
 
-    if args.latency_sentences < 1:
-        raise TrainError(f"--latency-sentences: got {args.latency_sentences}; need an integer >= 1")
-    out = demo_out(args)
     cfg = TrainConfig(
         out=str(out),
         **{
@@ -151,7 +160,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         max_val=args.max_val,
         device=args.device,
         threads=args.threads,
-        overwrite=out.is_dir() and any(out.iterdir()),  # demo_out checked --overwrite
+        # demo_out checked --overwrite; only our lock file there: a fresh run
+        overwrite=any(p.name != LOCK_FILE for p in out.iterdir()),
         progress=args.progress,
     )
     cfg.validate()  # before --threads is applied

@@ -162,11 +162,13 @@ def locked_out_dir(out: Path, enabled: bool = True) -> Iterator[None]:
     nothing else in them (a run refused before writing leaves no --out behind).
 
     The kernel drops a flock when its process dies, so a killed run's lock file never
-    blocks the next run. ``enabled=False`` (ranks other than 0): nothing is done.
+    blocks the next run. ``enabled=False`` (ranks other than 0): nothing is done; nor when
+    this process holds the lock already (``lora-ext demo`` holds it around ``train``).
     A --out that cannot be created or written (read-only file system, a file in the way,
     a name too long) is a TrainError here, before any model is loaded.
     """
-    if not enabled:
+    key = os.path.realpath(out)
+    if not enabled or key in _HELD:  # held by this process already (the demo around train)
         yield
         return
     created = _make_dirs(out)
@@ -176,12 +178,17 @@ def locked_out_dir(out: Path, enabled: bool = True) -> Iterator[None]:
     except BaseException:
         _remove_dirs(created)
         raise
+    _HELD.add(key)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        _HELD.discard(key)
         with contextlib.suppress(OSError):
             lock.unlink()  # while holding the lock: a waiter sees the inode change and retries
         os.close(fd)
         _remove_dirs(created)
+
+
+_HELD: set[str] = set()  # --out directories this process holds (re-entering is a no-op)

@@ -235,3 +235,30 @@ def test_corrupt_checkpoint_on_resume_is_one_line(stopped_run, tmp_path, kind):
     check_one_line(status, err, [str(path), "step-0000001"])
     assert path.read_bytes() == before  # left for the user to inspect
     assert not (out / "adapter").exists() and not (out / LOCK_FILE).exists()
+
+
+def test_lock_is_reentrant_in_process_and_exclusive_across_processes(tmp_path):
+    """``lora-ext demo`` holds --out around its train(): re-entering in the same process is a
+    no-op that does not release it; another process is refused while it is held."""
+    from lora_ext.training.run_dir import locked_out_dir
+
+    out = tmp_path / "held"
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom lora_ext.training.run_dir import locked_out_dir\n"
+        "try:\n    with locked_out_dir(Path(sys.argv[1])):\n        pass\n"
+        "except Exception as e:\n    print(e)\n    sys.exit(3)\n"
+    )
+    with locked_out_dir(out):
+        with locked_out_dir(out):
+            pass
+        assert (out / LOCK_FILE).read_text().strip() == str(os.getpid())
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(out)],
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 3, done
+        assert f"in use by another lora-ext train (pid {os.getpid()})" in done.stdout
+    assert not out.exists()  # made by the lock, nothing written into it: removed
