@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,66 +115,105 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclass
+class Exported:
+    """Step 2's output: the reloaded LoRA model, its tokenizer, the split, the ONNX files."""
+
+    model: Any
+    tokenizer: Any
+    split: Any
+    paths: dict[str, Path]
+    reports: dict[str, Any]
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Train, export, evaluate; returns the results (also written to <out>/demo.json).
-    --out is locked for the whole demo (a second demo or train into it is refused)."""
-    from lora_ext.training.config import TrainError
+    """The demo's steps: fine-tune, export, evaluate, check the targets; returns the results
+    (also written to <out>/demo.json). --out is locked for the whole demo (a second demo or
+    train into it is refused)."""
     from lora_ext.training.run_dir import locked_out_dir
+
+    cfg = demo_config(args)
+    with locked_out_dir(Path(cfg.out)):
+        return _run_steps(args, cfg)
+
+
+def _run_steps(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    import torch
+
+    cfg.validate()  # before --threads is applied
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(cfg.out)
+    _say(f"[1/3] fine-tuning MiniLM-L6 with LoRA on Rotten Tomatoes ({cfg.steps} steps) -> {out}")
+    metrics, wall_s = fine_tune(cfg)
+    _say("[2/3] merging and exporting ONNX fp32 and int8")
+    exported = export_variants(cfg)
+    _say(f"[3/3] evaluating on the {len(exported.split.val)} held-out snippets")
+    rows, preds = evaluate_variants(exported, cfg, args.latency_sentences, args.threads)
+    result = {
+        "rows": rows,
+        "checks": check_targets(rows, preds),
+        "n_val": len(exported.split.val),
+        "out": str(out),
+        # the trainer's figure (metrics.json): the training steps alone; the wall time adds
+        # loading, evaluation, checkpoints and saving
+        "train_time_s": metrics["train_time_s"],
+        "train_wall_time_s": wall_s,
+        "train_steps": metrics.get("steps"),
+        "train_tokens_per_s": metrics.get("tokens_per_s"),
+        "device": metrics.get("device"),
+        "torch_threads": torch.get_num_threads(),
+        "onnx_fp32_max_rel_error": exported.reports["fp32"].max_rel,
+        "config": {k: v for k, v in vars(cfg).items() if k != "out"},
+    }
+    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def demo_config(args: argparse.Namespace) -> Any:
+    """The TrainConfig of the demo: the measured DEMO_DEFAULTS with the flags applied."""
+    from lora_ext.training.run_dir import LOCK_FILE
+    from lora_ext.training.trainer import TrainConfig, TrainError
 
     if args.latency_sentences < 1:
         raise TrainError(f"--latency-sentences: got {args.latency_sentences}; need an integer >= 1")
     out = demo_out(args)
-    with locked_out_dir(out):
-        return _run_demo(args, out)
-
-
-def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    import numpy as np
-    import torch
-
-    from lora_ext.export import OnnxRunner, calibration_runs, export_onnx
-    from lora_ext.export.quantize import CALIBRATION_SAMPLES
-    from lora_ext.training import data as D
-    from lora_ext.training import models
-    from lora_ext.training.run_dir import LOCK_FILE, RUN_FILE, write_json_atomic
-    from lora_ext.training.trainer import (
-        TrainConfig,
-        exported_files,
-        load_trained_adapter,
-        quiet_transformers,
-        train,
-    )
-
-    cfg = TrainConfig(
+    flags = ("steps", "batch_size", "lr", "r", "max_length")
+    return TrainConfig(
         out=str(out),
-        **{
-            k: v
-            for k, v in DEMO_DEFAULTS.items()
-            if k not in ("steps", "batch_size", "lr", "r", "max_length")
-        },
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        r=args.r,
-        max_length=args.max_length,
+        **{k: v for k, v in DEMO_DEFAULTS.items() if k not in flags},
+        **{k: getattr(args, k) for k in flags},
         max_train=args.max_train,
         max_val=args.max_val,
         device=args.device,
         threads=args.threads,
         # demo_out checked --overwrite; only our lock file there: a fresh run
-        overwrite=any(p.name != LOCK_FILE for p in out.iterdir()),
+        overwrite=out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()),
         progress=args.progress,
     )
-    cfg.validate()  # before --threads is applied
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    _say(f"[1/3] fine-tuning MiniLM-L6 with LoRA on Rotten Tomatoes ({cfg.steps} steps) -> {out}")
+
+
+def fine_tune(cfg: Any) -> tuple[dict[str, Any], float]:
+    """Step 1: ``lora-ext train`` with the demo's settings; (metrics, wall seconds)."""
+    from lora_ext.training.trainer import train
+
     t0 = time.perf_counter()
     metrics = train(cfg)
-    wall_s = time.perf_counter() - t0
+    return metrics, time.perf_counter() - t0
 
-    # A fresh process would do exactly this: base model + the saved adapter (with its head).
-    _say("[2/3] merging and exporting ONNX fp32 and int8")
+
+def export_variants(cfg: Any) -> Exported:
+    """Step 2, as a fresh process would do it: the base model + the saved adapter (with its
+    head), exported merged to fp32 and to int8 (smoothing calibrated on training snippets;
+    the held-out ones are only evaluated), each verified in onnxruntime."""
+    from lora_ext.export import calibration_runs, export_onnx
+    from lora_ext.export.quantize import CALIBRATION_SAMPLES
+    from lora_ext.training import data as D
+    from lora_ext.training import models
+    from lora_ext.training.run_dir import RUN_FILE, write_json_atomic
+    from lora_ext.training.trainer import exported_files, load_trained_adapter, quiet_transformers
+
+    out = Path(cfg.out)
     split, _ = _held_out(cfg)
     with quiet_transformers():
         model, tokenizer = models.load_minilm_classifier(num_labels=2, seed=12345)
@@ -185,11 +225,10 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     onnx_dir = out / "onnx"
     onnx_dir.mkdir(exist_ok=True)
     paths = {"fp32": onnx_dir / "model.onnx", "int8": onnx_dir / "model.int8.onnx"}
-    reports = {}
-    # int8 smoothing calibrated on training snippets (the held-out ones are only evaluated)
     calibration = calibration_runs(
         tokenizer, split.train.texts[:CALIBRATION_SAMPLES], max_length=cfg.max_length
     )
+    reports = {}
     for name, quantize in (("fp32", None), ("int8", "int8")):
         reports[name] = export_onnx(
             model,
@@ -204,10 +243,24 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     run_info = json.loads((out / RUN_FILE).read_text())
     run_info["exported"] = exported_files(out)  # run.json says what this run produced
     write_json_atomic(out / RUN_FILE, run_info)
+    return Exported(model, tokenizer, split, paths, reports)
 
-    _say(f"[3/3] evaluating on the {len(split.val)} held-out snippets")
-    labels = np.array(split.val.labels)
-    texts = split.val.texts
+
+def evaluate_variants(
+    exported: Exported, cfg: Any, latency_sentences: int, threads: int | None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Step 3: PyTorch (unmerged LoRA), ONNX fp32 and ONNX int8 on the held-out split:
+    accuracy, agreement with PyTorch, size, median latency per sentence at batch 1
+    (tokenizer included). Returns (table rows, predictions per variant)."""
+    import numpy as np
+    import torch
+
+    from lora_ext.export import OnnxRunner
+    from lora_ext.training import models
+
+    model, tokenizer = exported.model, exported.tokenizer
+    labels = np.array(exported.split.val.labels)
+    texts = exported.split.val.texts
 
     def torch_logits(batch_texts: Sequence[str]) -> np.ndarray:
         with torch.inference_mode():
@@ -220,31 +273,24 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             )
             return model(**feed).logits.float().numpy()
 
-    runners = {
-        name: OnnxRunner(paths[name], tokenizer, threads=args.threads, max_length=cfg.max_length)
-        for name in paths
-    }
-
-    def onnx_logits(name: str):
-        def f(batch_texts: Sequence[str]) -> np.ndarray:
-            return np.asarray(runners[name](list(batch_texts)).logits)
-
-        return f
+    def onnx_logits(path: Path):
+        runner = OnnxRunner(path, tokenizer, threads=threads, max_length=cfg.max_length)
+        return lambda batch_texts: np.asarray(runner(list(batch_texts)).logits)
 
     predictors = {
         "PyTorch (LoRA)": torch_logits,
-        "ONNX fp32": onnx_logits("fp32"),
-        "ONNX int8": onnx_logits("int8"),
+        "ONNX fp32": onnx_logits(exported.paths["fp32"]),
+        "ONNX int8": onnx_logits(exported.paths["int8"]),
     }
     sizes = {
         "PyTorch (LoRA)": _dir_bytes(models.minilm_dir(), "*.safetensors")
-        + _dir_bytes(out / "adapter", "*.safetensors"),
-        "ONNX fp32": reports["fp32"].size_bytes,
-        "ONNX int8": reports["int8"].size_bytes,
+        + _dir_bytes(Path(cfg.out) / "adapter", "*.safetensors"),
+        "ONNX fp32": exported.reports["fp32"].size_bytes,
+        "ONNX int8": exported.reports["int8"].size_bytes,
     }
     rows = []
-    preds = {}
-    n_lat = min(args.latency_sentences, len(texts))
+    preds: dict[str, Any] = {}
+    n_lat = min(latency_sentences, len(texts))
     for name, fn in predictors.items():
         logits = np.concatenate([fn(texts[i : i + 64]) for i in range(0, len(texts), 64)])
         preds[name] = logits.argmax(-1)
@@ -264,8 +310,13 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 "latency_ms": 1e3 * statistics.median(times),
             }
         )
+    return rows, preds
+
+
+def check_targets(rows: list[dict[str, Any]], preds: dict[str, Any]) -> dict[str, bool]:
+    """The demo's targets: accuracy, fp32 equal to PyTorch, int8 within a point."""
     acc = {r["variant"]: r["accuracy"] for r in rows}
-    checks = {
+    return {
         f"held-out accuracy >= {TARGET_ACCURACY:.2f}": acc["PyTorch (LoRA)"] >= TARGET_ACCURACY,
         "ONNX fp32 predictions equal PyTorch": bool(
             (preds["ONNX fp32"] == preds["PyTorch (LoRA)"]).all()
@@ -273,24 +324,6 @@ def _run_demo(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "ONNX int8 accuracy within 1 point": abs(acc["ONNX int8"] - acc["PyTorch (LoRA)"])
         <= INT8_MAX_DROP + 1e-12,
     }
-    result = {
-        "rows": rows,
-        "checks": checks,
-        "n_val": len(texts),
-        "out": str(out),
-        # the trainer's figure (metrics.json): the training steps alone; the wall time adds
-        # loading, evaluation, checkpoints and saving
-        "train_time_s": metrics["train_time_s"],
-        "train_wall_time_s": wall_s,
-        "train_steps": metrics.get("steps"),
-        "train_tokens_per_s": metrics.get("tokens_per_s"),
-        "device": metrics.get("device"),
-        "torch_threads": torch.get_num_threads(),
-        "onnx_fp32_max_rel_error": reports["fp32"].max_rel,
-        "config": {k: v for k, v in vars(cfg).items() if k != "out"},
-    }
-    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def _held_out(cfg):
