@@ -51,12 +51,19 @@ inline void check_dropout_p(double p) {
   LORA_CHECK_VALUE(p >= 0.0 && p < 1.0, "dropout_p must be in [0, 1), got ", p);
 }
 
-// The seed travels as a one-element int64 tensor (so torch.compile can trace a fresh seed per
-// step); it is read on the host. Keep it on the CPU to avoid a device sync.
-inline uint64_t read_seed(const at::Tensor& seed) {
+// The seed travels as a one-element int64 tensor (so torch.compile traces a fresh seed per step
+// and CUDA graphs replay a fresh one). On the CPU it is read on the host; a CUDA kernel reads a
+// seed that lives on its device in the kernel itself (no .item(), no sync: graph-safe).
+inline void check_seed(const at::Tensor& seed) {
   LORA_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
              "seed must be a one-element int64 tensor, got dtype ", seed.scalar_type(),
              " and shape ", seed.sizes());
+}
+
+inline uint64_t read_seed(const at::Tensor& seed) {
+  check_seed(seed);
+  LORA_CHECK(seed.device().is_cpu(), "seed must be on the CPU (or, for a CUDA kernel, on x's ",
+             "device), got a seed on ", seed.device());
   return static_cast<uint64_t>(seed.item<int64_t>());
 }
 

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/grid_emulator.h"
 #include "cpu/rank_update_cpu.h"
 #include "switches.h"
 
@@ -88,7 +89,7 @@ pybind11::dict build_info() {
 #ifdef LORA_EXT_WITH_CUDA
   d["cuda"] = true;
   d["cuda_archs"] = split_archs(LORA_EXT_CUDA_ARCHS);
-  d["cuda_kernel_variants"] = std::vector<std::string>{"simple"};
+  d["cuda_kernel_variants"] = std::vector<std::string>{"simple", "fast"};
 #ifdef CUDA_VERSION
   d["cuda_version"] =
       std::to_string(CUDA_VERSION / 1000) + "." + std::to_string((CUDA_VERSION % 1000) / 10);
@@ -126,6 +127,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Use the AVX-512 rank-r kernel (True, the default where the CPU has AVX-512) or ATen's "
         "GEMM (False) for the float32 rank-r updates; returns the previous setting. For tests "
         "and benchmarks.");
+  m.def("_emulate_merge", &lora_ext::emulator::merge,
+        "Run the fast CUDA merge kernel's body over a CPU-emulated grid (tests).");
+  m.def("_emulate_keep_rows", &lora_ext::emulator::keep_rows,
+        "Run the fast CUDA keep_rows kernel's body over a CPU-emulated grid (tests).");
+  m.def("_emulate_backward_cols", &lora_ext::emulator::backward_cols,
+        "Run the fast CUDA backward kernel's body over a CPU-emulated grid (tests).");
   m.def("_set_cuda_fast_kernels", &lora_ext::set_cuda_fast_kernels,
         "Use the fast CUDA kernels (True) or the simple ones (False); returns the previous "
         "setting. ops.cuda_kernels() is the public way.");

@@ -38,14 +38,26 @@ struct Dropout {
   bool active = false;
   rng::DropoutKey key{0, 0, 0};
   double inv_keep = 1.0;  // 1 / (1 - p)
+  // CUDA: the seed on the device (key.k0/k1 are then made in the kernel from it, key.threshold
+  // is set); nullptr: key is complete
+  const int64_t* seed_dev = nullptr;
 };
 
-inline Dropout make_dropout(double p, const at::Tensor& seed) {
+// The seed is read on the host when it is on the CPU; a seed on x's CUDA device stays there and
+// the kernels read it (kernels that cannot, the CPU's, refuse a seed that is not on the CPU).
+inline Dropout make_dropout(double p, const at::Tensor& seed, const at::Device& device) {
+  LORA_CHECK(seed.device().is_cpu() || seed.device() == device, "seed is on ", seed.device(),
+             " but x is on ", device, ": the seed is a CPU tensor or lives on x's device");
   Dropout d;
   d.active = p > 0.0;
-  if (d.active) {
+  if (!d.active) return d;
+  d.inv_keep = 1.0 / (1.0 - p);
+  check_seed(seed);
+  if (device.is_cuda() && seed.device() == device) {
+    d.key = rng::DropoutKey{0, 0, rng::threshold_for(p)};
+    d.seed_dev = seed.const_data_ptr<int64_t>();
+  } else {
     d.key = rng::make_key(read_seed(seed), rng::threshold_for(p));
-    d.inv_keep = 1.0 / (1.0 - p);
   }
   return d;
 }
@@ -73,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(const at::Tensor& x,
                                                        const at::Tensor& lora_b, double scale,
                                                        double dropout_p, const at::Tensor& seed) {
   const LinearShapes s = check_linear_args(x, weight, bias, lora_a, lora_b, scale, dropout_p);
-  const Dropout drop = make_dropout(dropout_p, seed);      // checks the seed
-  const typename Kernels::Guard device_guard(x.device());  // after every check
+  const Dropout drop = make_dropout(dropout_p, seed, x.device());  // checks the seed
+  const typename Kernels::Guard device_guard(x.device());          // after every check
   // autograd is handled in Python (ops.py); the ATen calls below must not record a graph
   at::AutoDispatchBelowADInplaceOrView guard;
   if (Kernels::kUpcastHalf && x.scalar_type() == at::kHalf) {
@@ -117,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   check_same(grad_y, "grad_y", x, "x");
   check_same(xa, "xa", x, "x");
   const bool need_x = output_mask[0], need_a = output_mask[1], need_b = output_mask[2];
-  const Dropout drop = make_dropout(dropout_p, seed);
+  const Dropout drop = make_dropout(dropout_p, seed, x.device());
   const typename Kernels::Guard device_guard(x.device());  // after every check
   at::AutoDispatchBelowADInplaceOrView guard;
   if (Kernels::kUpcastHalf && x.scalar_type() == at::kHalf) {  // as in the forward

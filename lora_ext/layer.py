@@ -271,11 +271,14 @@ class LoraLinear(nn.Module):
             return self.base_layer(x)
         lora_a, lora_b, scale, dropout_p = self._op_adapters(pending)
         weight = self.base_weight()
-        # the op computes in one dtype, the base weight's (casts are differentiable)
-        if x.dtype != weight.dtype:
-            x = x.to(weight.dtype)
-        if lora_a.dtype != weight.dtype:
-            lora_a, lora_b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
+        # the op computes in one dtype: under torch.autocast the op's autocast kernel casts
+        # every input to the autocast dtype (LoRA parameters stay float32 masters); otherwise
+        # the base weight's (casts are differentiable)
+        if not torch.is_autocast_enabled(x.device.type):
+            if x.dtype != weight.dtype:
+                x = x.to(weight.dtype)
+            if lora_a.dtype != weight.dtype:
+                lora_a, lora_b = lora_a.to(weight.dtype), lora_b.to(weight.dtype)
         bias = self.base_layer.bias
         # The op gives no gradient to bias (frozen by contract); a bias trained with
         # bias="all"/"lora_only" is added outside the op so that it gets one.

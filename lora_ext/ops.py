@@ -6,9 +6,10 @@ Besides the wrappers, this module registers what the C++ side leaves to Python:
 - the autograd formula of ``lora_linear`` (backward is the compiled ``lora_linear_backward``),
   so the op works under ``torch.compile(fullgraph=True)`` without a hidden autograd.Function.
 
-The dropout seed travels as a one-element int64 tensor drawn with ``torch.randint`` from
-torch's default generator: torch.manual_seed makes runs reproducible, and torch.compile traces
-a fresh seed per step instead of baking a Python int into the graph.
+The dropout seed travels as a one-element int64 tensor drawn with ``torch.randint`` from the
+default generator of x's device (CPU or CUDA): torch.manual_seed makes runs reproducible,
+torch.compile traces a fresh seed per step instead of baking a Python int into the graph, and
+a CUDA graph replays a fresh draw (the CUDA kernels read the seed on the device).
 """
 
 from __future__ import annotations
@@ -101,28 +102,39 @@ def cuda_kernels(variant: str) -> Iterator[None]:
         _C._set_cuda_fast_kernels(before)
 
 
-def make_seed(seed: int | Tensor | None = None) -> Tensor:
-    """The dropout seed as the op takes it: a 0-d int64 CPU tensor.
+def make_seed(
+    seed: int | Tensor | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    """The dropout seed as the op takes it: a 0-d int64 tensor, on the CPU or on ``device``.
 
-    ``None`` draws a fresh one from torch's default CPU generator (reproducible under
-    torch.manual_seed); an int or a one-element integer tensor is used as given.
+    ``None`` draws a fresh one from ``device``'s default generator (the CPU's by default),
+    reproducible under torch.manual_seed; on CUDA the draw is a device op, so a CUDA graph
+    replays a fresh seed (and the kernels read it on the device: no host sync). An int or a
+    one-element integer tensor is used as given.
     """
+    dev = torch.device("cpu") if device is None else torch.device(device)
     if seed is None:
-        return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64)
+        return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=dev)
     if isinstance(seed, Tensor):
         if seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype.is_complex:
             raise ValueError(
                 f"seed must be an int or a one-element integer tensor, got a {seed.dtype} "
                 f"tensor of shape {tuple(seed.shape)}"
             )
-        return seed.reshape(()).to(device="cpu", dtype=torch.int64)
+        # a seed already on the wanted device stays there (no copy, no sync)
+        return seed.reshape(()).to(device=dev, dtype=torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, a tensor or None, got {type(seed).__name__}")
     if not -(2**63) <= seed < 2**64:
         raise ValueError(f"seed must fit in 64 bits, got {seed}")
     if seed >= 2**63:  # same 64 bits, as the C++ side reads them
         seed -= 2**64
-    return torch.tensor(seed, dtype=torch.int64)
+    return torch.tensor(seed, dtype=torch.int64, device=dev)
+
+
+def _seed_device(t: Tensor) -> torch.device | None:
+    """Where the seed of an op on ``t`` lives: on a CUDA device with it, else on the CPU."""
+    return t.device if t.device.type == "cuda" else None
 
 
 def _check_scale_p(scale: float, dropout_p: float) -> None:
@@ -174,7 +186,7 @@ def lora_linear(
             "set requires_grad=False on the base layer's parameters"
         )
     load_library()
-    seed_t = make_seed(seed) if dropout_p > 0.0 else _NO_SEED
+    seed_t = make_seed(seed, _seed_device(x)) if dropout_p > 0.0 else _NO_SEED
     y, _ = _ops.lora_linear.default(
         x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), seed_t
     )
@@ -238,7 +250,8 @@ def dropout_mask(like: Tensor, seed: int | Tensor, dropout_p: float, offset: int
     """
     _check_scale_p(1.0, dropout_p)
     load_library()
-    return _ops.dropout_mask.default(like, make_seed(seed), float(dropout_p), int(offset))
+    seed_t = make_seed(seed, _seed_device(like))
+    return _ops.dropout_mask.default(like, seed_t, float(dropout_p), int(offset))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +273,17 @@ def _check_devices(ref_name: str, ref: Tensor, **tensors: Tensor | None) -> None
             )
 
 
+def _check_seed_device(seed: Tensor, x: Tensor) -> None:
+    if seed.device.type != "cpu" and seed.device != x.device:
+        raise RuntimeError(
+            f"lora_ext: seed must be on the CPU (or, for a CUDA kernel, on x's device), got a "
+            f"seed on {seed.device} with x on {x.device}"
+        )
+
+
 def _lora_linear_fake(x, weight, bias, lora_a, lora_b, scale, dropout_p, seed):
     _check_devices("x", x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
+    _check_seed_device(seed, x)
     torch._check(x.dim() >= 1, lambda: "x must have shape [..., in_features]")
     torch._check(
         weight.dim() == 2 and weight.shape[1] == x.shape[-1],
@@ -291,6 +313,7 @@ def _lora_linear_backward_fake(
     grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, output_mask
 ):
     _check_devices("x", x, grad_y=grad_y, weight=weight, lora_a=lora_a, lora_b=lora_b, xa=xa)
+    _check_seed_device(seed, x)
     return (
         x.new_empty(x.shape) if output_mask[0] else None,
         lora_a.new_empty(lora_a.shape) if output_mask[1] else None,

@@ -62,7 +62,8 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.
 missing = [m for m in ("numpy", "setuptools", "pytest") if importlib.util.find_spec(m) is None]
 files = ["setup.py", "benchmarks/bench_op.py", "benchmarks/bench_merge.py",
          "benchmarks/bench_finetune.py", "benchmarks/_common.py", "tests/core/test_ops.py",
-         "tests/core/test_properties.py", "tests/conftest.py"]
+         "tests/core/test_properties.py", "tests/core/test_mixed_precision.py",
+         "tests/core/test_kernels.py", "tests/conftest.py"]
 missing += [f for f in files if not pathlib.Path(f).is_file()]
 if missing:
     sys.exit(f"gpu-check: missing {missing}")
@@ -125,11 +126,11 @@ if sys.argv[1] == "cuda" and not info["cuda"]:
     sys.exit("gpu-check: the build has no CUDA kernels")
 PY
 
-echo "== tests ($DEV cases of the op table)"
+echo "== tests ($DEV cases of the op table, both CUDA kernel variants; autocast, graph replay)"
 # the device table of tests/core: only this device's cases (CI runs the CPU suite on every push)
 export LORA_EXT_TEST_DEVICES=$DEV
 step tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/core/test_ops.py \
-  tests/core/test_properties.py
+  tests/core/test_mixed_precision.py tests/core/test_kernels.py tests/core/test_properties.py
 tail -15 "$LOGS/tests.log"
 
 echo "== benchmarks"

@@ -355,7 +355,7 @@ at::Tensor dropout_mask_cpu(const at::Tensor& like, const at::Tensor& seed, doub
                             int64_t offset) {
   check_dropout_p(dropout_p);
   LORA_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
-  const Dropout drop = make_dropout(dropout_p, seed);
+  const Dropout drop = make_dropout(dropout_p, seed, like.device());
   at::Tensor mask = at::empty(like.sizes(), like.options().dtype(at::kBool));
   uint8_t* mp = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
   const int64_t numel = mask.numel();

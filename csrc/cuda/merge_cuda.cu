@@ -13,7 +13,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../kernels/fast_kernels.h"
+#include "../kernels/launch.h"
 #include "../lora_linear.h"
+#include "../switches.h"
 
 namespace lora_ext {
 namespace cuda {
@@ -95,6 +98,45 @@ void launch_merge(const MergeProblem& pr, int* bad) {
       });
 }
 
+// The fast merge (ops.cuda_kernels("fast")): csrc/kernels/fast_kernels.h merge_tile, each
+// thread a 4-row x 16-byte tile of the weight loaded into registers before the rank-r product,
+// 16-byte loads and stores where the layout allows (else one element per thread).
+template <typename scalar_t, typename acc_t, int VEC, bool kCheck>
+__global__ void __launch_bounds__(kernels::kThreads)
+    merge_fast_kernel(scalar_t* __restrict__ w, int64_t m, int64_t k, int64_t s0, int64_t s1,
+                      const acc_t* __restrict__ bs, const acc_t* __restrict__ a, int64_t r,
+                      int* __restrict__ bad) {
+  kernels::merge_tile<scalar_t, acc_t, VEC, kernels::kMergeRows, kCheck>(
+      w, m, k, s0, s1, bs, a, r, bad, blockIdx.x, blockIdx.y, threadIdx.x, blockDim.x, gridDim.y);
+}
+
+template <bool kCheck>
+void launch_merge_fast(const MergeProblem& pr, int* bad) {
+  const at::Tensor& w = pr.w;
+  const int64_t m = w.size(0), k = w.size(1), r = pr.a.size(0);
+  const int vec = kernels::merge_vec(w);
+  const int64_t gx = ((k + vec - 1) / vec + kernels::kThreads - 1) / kernels::kThreads;
+  // rows beyond 65535 tiles are walked by the kernel's grid-stride loop
+  const int64_t gy = std::min<int64_t>((m + kernels::kMergeRows - 1) / kernels::kMergeRows, 65535);
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, w.scalar_type(), "lora_ext::merge_fast_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        constexpr int kVec = 16 / sizeof(scalar_t);
+        const auto stream = at::cuda::getCurrentCUDAStream();
+        if (vec > 1) {
+          merge_fast_kernel<scalar_t, acc_t, kVec, kCheck><<<grid, kernels::kThreads, 0, stream>>>(
+              w.data_ptr<scalar_t>(), m, k, w.stride(0), w.stride(1), pr.bs.const_data_ptr<acc_t>(),
+              pr.a.const_data_ptr<acc_t>(), r, bad);
+        } else {
+          merge_fast_kernel<scalar_t, acc_t, 1, kCheck><<<grid, kernels::kThreads, 0, stream>>>(
+              w.data_ptr<scalar_t>(), m, k, w.stride(0), w.stride(1), pr.bs.const_data_ptr<acc_t>(),
+              pr.a.const_data_ptr<acc_t>(), r, bad);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
 void merge_cuda(at::Tensor weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
                 double scale) {
   check_merge_args(weight, lora_a, lora_b, scale);
@@ -102,7 +144,11 @@ void merge_cuda(at::Tensor weight, const at::Tensor& lora_a, const at::Tensor& l
   at::AutoDispatchBelowADInplaceOrView guard;
   const MergeProblem pr = make_merge_problem(weight, lora_a, lora_b, scale);
   if (pr.w.numel() == 0) return;
-  launch_merge<false>(pr, nullptr);
+  if (cuda_fast_kernels()) {
+    launch_merge_fast<false>(pr, nullptr);
+  } else {
+    launch_merge<false>(pr, nullptr);
+  }
 }
 
 at::Tensor merge_check_cuda(const at::Tensor& weight, const at::Tensor& lora_a,
@@ -112,7 +158,13 @@ at::Tensor merge_check_cuda(const at::Tensor& weight, const at::Tensor& lora_a,
   at::AutoDispatchBelowADInplaceOrView guard;
   const MergeProblem pr = make_merge_problem(weight, lora_a, lora_b, scale);
   at::Tensor bad = at::zeros({}, weight.options().dtype(at::kInt));
-  if (pr.w.numel() > 0) launch_merge<true>(pr, bad.mutable_data_ptr<int>());
+  if (pr.w.numel() > 0) {
+    if (cuda_fast_kernels()) {
+      launch_merge_fast<true>(pr, bad.mutable_data_ptr<int>());
+    } else {
+      launch_merge<true>(pr, bad.mutable_data_ptr<int>());
+    }
+  }
   return bad.eq(0);
 }
 
