@@ -102,9 +102,7 @@ def cuda_kernels(variant: str) -> Iterator[None]:
         _C._set_cuda_fast_kernels(before)
 
 
-def make_seed(
-    seed: int | Tensor | None = None, device: torch.device | str | None = None
-) -> Tensor:
+def make_seed(seed: int | Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
     """The dropout seed as the op takes it: a 0-d int64 tensor, on the CPU or on ``device``.
 
     ``None`` draws a fresh one from ``device``'s default generator (the CPU's by default),
