@@ -88,6 +88,10 @@ for op in ("lora_linear", "lora_linear_backward", "merge_", "merge_check", "drop
         ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"lora_ext::{op}", key)
         assert ok, f"lora_ext::{op} has no {key} kernel"
 print("every op has CPU and CUDA kernels")
+for key in ("AutocastCUDA", "AutocastCPU"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("lora_ext::lora_linear", key), key
+assert mod.build_info()["cuda_kernel_variants"] == ["simple", "fast"], mod.build_info()
+print("lora_linear has autocast kernels; CUDA kernel variants: simple, fast")
 # the CPU kernels of this build still run
 x, w, a, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(2, 8), torch.randn(5, 2)
 y, _ = torch.ops.lora_ext.lora_linear(x, w, None, a, b, 0.5, 0.0, torch.zeros((), dtype=torch.long))
