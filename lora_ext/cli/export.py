@@ -122,13 +122,13 @@ def _task_of(model_name: str, kind: str, path: Path, task: str | None) -> str:
 def _adapter_labels(adapter: Path | None) -> list[str] | None:
     """Class names (or just their count) of a classifier adapter, from the files lora-ext
     train writes: lora_ext_task.json, else the head's shape in the safetensors file."""
+    from lora_ext.training.heads import read_task_file
+
     if adapter is None:
         return None
-    task_file = adapter / "lora_ext_task.json"
-    if task_file.is_file():
-        classes = json.loads(task_file.read_text()).get("classes")
-        if classes:
-            return [str(c) for c in classes]
+    classes = read_task_file(adapter)  # checked: a malformed file is a one-line error
+    if classes:
+        return classes
     weights = adapter / "adapter_model.safetensors"
     if weights.is_file():
         from safetensors import safe_open

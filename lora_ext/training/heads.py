@@ -222,19 +222,84 @@ def save_trained_adapter(model: nn.Module, path: Path, task: TaskSpec) -> Path:
     return path
 
 
+TASK_FILE = "lora_ext_task.json"
+_TASK_FILE_LIMIT = 1 << 20  # bytes: a task file is a few lines
+
+
+def read_task_file(path: Path) -> list[str] | None:
+    """The class names of an adapter's ``lora_ext_task.json`` (None without the file or
+    without classes), checked: a JSON object whose ``task`` is a Task value and whose
+    ``classes`` is null or a list of distinct strings.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    task_file = path / TASK_FILE
+    if not task_file.exists():
+        return None
+    if not task_file.is_file() or task_file.stat().st_size > _TASK_FILE_LIMIT:
+        raise ValueError(f"adapter: {task_file} is not a regular file under 1 MiB")
+    try:
+        info = json.loads(task_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"adapter: {task_file} is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"adapter: {task_file} holds a {type(info).__name__}, need an object")
+    task = info.get("task")
+    if task is not None and task not in {t.value for t in Task}:
+        raise ValueError(
+            f"adapter: {task_file} task {task!r}; need one of {[t.value for t in Task]}"
+        )
+    classes = info.get("classes")
+    if classes is None:
+        return None
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise ValueError(
+            f"adapter: {task_file} classes {str(classes)[:80]}; need a list of distinct "
+            "non-empty names"
+        )
+    return classes
+
+
+def _head_size(model: nn.Module) -> int | None:
+    head = next((getattr(model, h) for h in HEAD_NAMES if hasattr(model, h)), None)
+    weight = getattr(head, "weight", None) if head is not None else None
+    if weight is None:
+        for module in getattr(head, "modules", lambda: [])():
+            if isinstance(module, nn.Linear):
+                weight = module.weight  # the head's last linear layer (e.g. RoBERTa's out_proj)
+    return int(weight.shape[0]) if weight is not None else None
+
+
 def load_trained_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an adapter saved by :func:`save_trained_adapter` (or by PEFT for SEQ_CLS) into a
-    base model: ``lora_ext.load_adapter`` reads the LoRA tensors and the head (PEFT's
-    ``modules_to_save``), all checked before the model changes; the class names of
-    ``lora_ext_task.json``, when present, become the model's id2label / label2id."""
+    base model, all or nothing: ``lora_ext_task.json`` is read and checked against the
+    model's head first, then ``lora_ext.load_adapter`` reads the LoRA tensors and the head
+    (PEFT's ``modules_to_save``), all checked before the model changes; the class names
+    become the model's id2label / label2id.
+
+    Raises:
+        ValueError: a malformed task file, or class names that do not fit the head (the
+            model is left unchanged).
+    """
     import lora_ext
 
     path = Path(path)
+    classes = read_task_file(path)
+    if classes is not None:
+        size = _head_size(model)
+        if size is not None and size != len(classes):
+            raise ValueError(
+                f"adapter: {path / TASK_FILE} names {len(classes)} classes, but the model's "
+                f"head has {size} outputs; load the model with num_labels={len(classes)}"
+            )
     lora_ext.load_adapter(model, path)
-    task_file = path / "lora_ext_task.json"
-    if task_file.is_file() and hasattr(model, "config"):
-        classes = json.loads(task_file.read_text()).get("classes")
-        if classes:  # label names travel into exported files and the runner's output
-            model.config.id2label = dict(enumerate(classes))
-            model.config.label2id = {c: i for i, c in enumerate(classes)}
+    if classes and hasattr(model, "config"):  # label names travel into exports and the runner
+        model.config.id2label = dict(enumerate(classes))
+        model.config.label2id = {c: i for i, c in enumerate(classes)}
     return model

@@ -8,7 +8,6 @@ cannot map back: the adapted weights come back MISSING. :class:`LoraTrainer` wri
 checkpoint::
 
     import lora_ext
-from lora_ext.inject import active_adapters
     from lora_ext.training.hf import LoraTrainer
 
     lora_ext.inject_(model, lora_ext.LoraConfig(r=8, alpha=16, target_modules=["query", "value"]))

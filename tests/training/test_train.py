@@ -535,3 +535,66 @@ def test_help_documents_every_flag(capsys):
     assert "(default: True)" not in text  # a switch's help says what it does instead
     for targets in DEFAULT_TARGETS.values():
         assert ",".join(targets) in text
+
+
+def test_bf16_training_on_the_cpu(tmp_path, capsys):
+    """--bf16: CPU autocast runs the model (and the op's LoRA GEMMs) in bfloat16 while the
+    LoRA tensors and the head stay float32 masters; the run trains and saves float32 tensors."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lora_ext import ops
+
+    ops.load_library()  # the spy names torch.ops.lora_ext.lora_linear
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.lora_ext.lora_linear.default:
+                seen.append((args[0].dtype, args[3].dtype))
+            return func(*args, **(kwargs or {}))
+
+    out = tmp_path / "bf16"
+    with Spy():
+        assert _train(out, "--steps", "2", "--eval-every", "100", "--bf16") == 0
+    assert seen and all(x == torch.bfloat16 and a == torch.bfloat16 for x, a in seen)
+    run = json.loads((out / "run.json").read_text())
+    assert run["precision"] == "bfloat16" and run["config"]["precision"] == "bf16"
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    fresh = [k for k in tensors if "lora_B" in k]
+    assert any(tensors[k].abs().max() > 0 for k in fresh)  # B moved from its zero init
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(math.isfinite(h["loss"]) for h in metrics["history"])
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("{not json", "not valid UTF-8 JSON"),
+        ('{"classes": 5}', "need a list of distinct"),
+        ('["rotten", "fresh"]', "holds a list, need an object"),
+        ('{"classes": ["a", "a"]}', "need a list of distinct"),
+        ('{"task": "regression"}', "task 'regression'"),
+        ('{"classes": ["rotten", "fresh", "meh"]}', "names 3 classes, but the model's head has 2"),
+    ],
+)
+def test_load_trained_adapter_is_all_or_nothing(full_run, tmp_path, content, words):
+    """A malformed lora_ext_task.json (or class names that do not fit the head) is refused
+    before any layer is injected: the model is bit-identical afterwards."""
+    import shutil
+
+    from lora_ext.training import models
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(full_run / "adapter", adapter)
+    (adapter / "lora_ext_task.json").write_text(content)
+    model, _ = models.load_minilm_classifier(num_labels=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    labels = dict(model.config.id2label)
+    with pytest.raises(ValueError, match=words):
+        T.load_trained_adapter(model, adapter)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("lora" in name for name, _ in model.named_modules())
+    assert model.config.id2label == labels
