@@ -263,8 +263,21 @@ def save_adapter(
     )
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    # each file is written under a temporary name, flushed, then renamed over the old one,
+    # weights first: a kill leaves the previous adapter or the new one, never half a file
+    weights_tmp = out / f".{WEIGHTS_NAME}.tmp-{os.getpid()}"
+    config_tmp = out / f".{CONFIG_NAME}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+        config_tmp.write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+        for tmp in (weights_tmp, config_tmp):
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(weights_tmp, out / WEIGHTS_NAME)
+        os.replace(config_tmp, out / CONFIG_NAME)
+    finally:
+        for tmp in (weights_tmp, config_tmp):
+            tmp.unlink(missing_ok=True)
     return out
 
 

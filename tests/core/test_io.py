@@ -452,3 +452,26 @@ def test_head_write_is_rolled_back(minilm_classifier, peft_seq_cls, snapshot, mo
     with pytest.raises(RuntimeError):
         lora_ext.load_adapter(model, path)
     snap()  # the classifier head the file carries was written, then restored
+
+
+def test_save_adapter_replaces_files_atomically(tmp_path, monkeypatch):
+    """A failure while writing leaves the previous adapter whole and no temporary file."""
+    import lora_ext
+    from lora_ext import io as lio
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lora_ext.inject_(model, lora_ext.LoraConfig(r=2, target_modules=["0"]))
+    out = lora_ext.save_adapter(model, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with torch.no_grad():
+        for p in lora_ext.lora_parameters(model):
+            p.add_(1.0)
+
+    def failing_write(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lio.Path, "write_text", failing_write)
+    with pytest.raises(OSError, match="No space"):
+        lora_ext.save_adapter(model, out)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
