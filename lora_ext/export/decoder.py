@@ -725,6 +725,12 @@ def export_decoder(
     if new_tokens < 1:
         raise DecoderExportError(f"new_tokens: got {new_tokens}, need >= 1")
     arch, model_type = check_decoder(model, tokenizer)
+    if lm_head_int8 and getattr(model.config, "tie_word_embeddings", False):
+        raise DecoderExportError(
+            "lm_head_int8: the model ties its embeddings to lm_head; onnxruntime-genai 0.18's "
+            "builder then shares one table through GatherBlockQuantized, which is 4-bit only "
+            "(it writes an invalid graph); leave lm_head in int4"
+        )
     target = check_output_dir(out, overwrite)
     if not merge:
         if not adapter_name.isidentifier():

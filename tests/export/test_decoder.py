@@ -346,7 +346,9 @@ def test_tokenizer_vocab_mismatch(tok, tmp_path):
 
 
 def test_fp16_int4_and_non_empty_out(tok, tmp_path):
-    model = tiny_decoder("llama")
+    model = tiny_decoder("llama")  # ties its embeddings
+    with pytest.raises(DecoderExportError, match="lm_head_int8: the model ties"):
+        export_decoder(model, tmp_path / "a", tokenizer=tok, quantize="int4", lm_head_int8=True)
     with pytest.raises(DecoderExportError, match="fp16 with quantize='int4'"):
         export_decoder(model, tmp_path / "a", tokenizer=tok, quantize="int4", dtype="fp16")
     full = tmp_path / "full"
