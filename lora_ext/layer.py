@@ -59,6 +59,9 @@ class LoraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        # A LoRA layer will call the op: load the compiled library now, not inside the first
+        # forward, which may be under torch.compile(fullgraph=True) (loading is no graph op)
+        ops.load_library()
         if isinstance(base_layer, LoraLinear):
             raise TypeError("base_layer: got a LoraLinear; add an adapter to it instead")
         if not is_supported(base_layer):

@@ -51,3 +51,18 @@ def test_exporter_recognises_lora_layers_by_type():
         assert "sys.modules" not in text, path
         assert '"LoraLinear"' not in text, path
     assert adapters.lora_layers.__annotations__["return"]
+
+
+def test_a_model_compiled_fullgraph_before_any_eager_call():
+    """Importing stays cheap, yet a LoRA model compiled with fullgraph=True before any eager
+    op call works: constructing a LoraLinear loads the library, so no forward has to."""
+    out = _fresh_python(
+        "import sys, torch, lora_ext\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
+        "lora_ext.inject_(m, lora_ext.LoraConfig(r=2, target_modules=['0']))\n"
+        "print('lora_ext._C' in sys.modules)\n"
+        "x = torch.randn(3, 8)\n"
+        "y = torch.compile(m, fullgraph=True, backend='eager')(x)\n"
+        "print(torch.allclose(y, m(x)))"
+    )
+    assert out.split() == ["True", "True"]
