@@ -9,8 +9,12 @@ Heavy modules (torch, transformers, onnx, onnxruntime) are imported when a comma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +47,9 @@ def add_export_command(subparsers: Any) -> None:
     exp.add_argument(
         "--out",
         required=True,
-        help="output .onnx file; its directory must exist (the tokenizer is saved there too, "
-        "for lora-ext infer). A causal LM: the model folder to write",
+        help="output .onnx file; missing directories are created with it (atomically: "
+        "nothing is left if the export fails); the tokenizer is saved there too, for "
+        "lora-ext infer. A causal LM: the model folder to write",
     )
     variant = exp.add_mutually_exclusive_group()
     variant.add_argument("--fp16", action="store_true", help="fp16 weights and activations")
@@ -66,9 +71,19 @@ def add_export_command(subparsers: Any) -> None:
         help="--int8: texts to calibrate on, half one per run, half in padded batches of 16 "
         "(default 256)",
     )
+    exp.add_argument(
+        "--accept-low-agreement",
+        action="store_true",
+        help="write an --int8/--fp16 file even when its argmax agreement with PyTorch on the "
+        "verification inputs is below the quality gate (90%%); without it such a file is "
+        "refused",
+    )
     exp.add_argument("--task", choices=TASKS, help="default: from the model")
     exp.add_argument(
-        "--num-labels", type=int, default=None, help="seq-cls head size without an adapter (2)"
+        "--num-labels",
+        type=_positive_int,
+        default=None,
+        help="seq-cls head size without an adapter (2)",
     )
     exp.add_argument(
         "--hot-swap",
@@ -91,12 +106,29 @@ def add_export_command(subparsers: Any) -> None:
         "token 0 only gets its last layer for token 0 alone; same logits, ~1/L less work)",
     )
     exp.add_argument("--ort-format", action="store_true", help="also write <stem>.ort")
-    exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    exp.add_argument(
+        "--opset",
+        type=int,
+        choices=range(17, 22),
+        metavar="{17..21}",
+        default=None,
+        help="ONNX opset (default 17)",
+    )
     exp.add_argument("--external-data", action="store_true", help="weights in <out>.data")
     exp.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check")
     exp.add_argument("--report", help="also write the report as JSON to this file")
     add_decoder_arguments(exp)
     exp.set_defaults(func=run_export)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}, need a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {value}, need >= 1")
+    return value
 
 
 # -- export ------------------------------------------------------------------------------
@@ -135,9 +167,51 @@ def _adapter_labels(adapter: Path | None) -> list[str] | None:
 
         with safe_open(str(weights), "pt") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if key.endswith(("classifier.weight", "score.weight")):
+                if key.endswith(HEAD_WEIGHTS):
                     return [f"LABEL_{i}" for i in range(f.get_slice(key).get_shape()[0])]
     return None
+
+
+HEAD_WEIGHTS = ("classifier.weight", "score.weight")
+_HEAD_KEY = re.compile(r"^(classifier|score)\.(weight|bias)$")
+
+
+def _adapter_has_head(adapter: Path | None) -> bool:
+    weights = None if adapter is None else adapter / "adapter_model.safetensors"
+    if weights is None or not weights.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return any(k.endswith(HEAD_WEIGHTS) for k in f.keys())  # noqa: SIM118
+
+
+class _HeadMissingFilter(logging.Filter):
+    """Drops transformers' load report when all it says is that the classification head is
+    MISSING ("newly initialized ... consider training"): the adapter supplies that head."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [line.split("|") for line in message.splitlines() if line.count("|") >= 2]
+        statuses = [(r[0].strip(), r[1].strip()) for r in rows if r[1].strip() and r[0].strip()]
+        statuses = [(k, st) for k, st in statuses if k != "Key"]
+        return not statuses or not all(st == "MISSING" and _HEAD_KEY.match(k) for k, st in statuses)
+
+
+@contextlib.contextmanager
+def _quiet_head_report(active: bool) -> Iterator[None]:
+    names = ("transformers.modeling_utils", "transformers.utils.loading_report")
+    loggers = [logging.getLogger(n) for n in names] if active else []
+    flt = _HeadMissingFilter()
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
 
 
 def load_for_export(
@@ -163,7 +237,8 @@ def load_for_export(
     # the head size: --num-labels, else the adapter's head, else the model's own config
     head_size = (num_labels or (len(labels) if labels else None)) if task == "seq-cls" else None
     try:
-        model, tokenizer = models.load_model(model_name, task, num_labels=head_size)
+        with _quiet_head_report(task == "seq-cls" and _adapter_has_head(adapter_dir)):
+            model, tokenizer = models.load_model(model_name, task, num_labels=head_size)
     except ValueError as exc:
         raise ValueError(f"--task: {exc}") from None
     if adapter_dir is not None:
@@ -220,6 +295,15 @@ def calibration_inputs(
     return calibration_runs(tokenizer, texts, max_length=max_length)
 
 
+def example_inputs(tokenizer: Any) -> dict[str, Any]:
+    """The example batch the export traces: input_ids and attention_mask, as ``lora-ext
+    train --export`` passes them, so both commands write the same graph inputs (a model
+    that takes token_type_ids gets zeros, its default; the runner feeds what the graph
+    declares)."""
+    enc = tokenizer(list(EXAMPLE_TEXTS), padding=True, return_tensors="pt")
+    return {k: enc[k] for k in ("input_ids", "attention_mask") if k in enc}
+
+
 def run_export(args: argparse.Namespace) -> int:
     """``lora-ext export``: returns 0 on success, 1 on a failed export (message printed)."""
     from lora_ext.export._io import check_output_path
@@ -232,14 +316,14 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"[export] {msg}", file=sys.stderr, flush=True)
 
     try:
-        check_output_path(args.out, arg="--out")  # before loading anything
+        check_output_path(args.out, arg="--out", make_parents=True)  # before loading anything
         if args.hot_swap and not args.adapter:
             raise ValueError("--hot-swap: needs --adapter (the adapted layers become inputs)")
         say(f"loading {args.model}" + (f" + adapter {args.adapter}" if args.adapter else ""))
         model, tokenizer, task = load_for_export(
             args.model, args.adapter, args.task, args.num_labels
         )
-        example = dict(tokenizer(list(EXAMPLE_TEXTS), padding=True, return_tensors="pt"))
+        example = example_inputs(tokenizer)
         calibration = None
         if args.int8:
             calibration = calibration_inputs(
@@ -263,6 +347,8 @@ def run_export(args: argparse.Namespace) -> int:
             task=task,
             first_token_only=False if args.all_positions else None,
             log=say,
+            accept_low_agreement=args.accept_low_agreement,
+            make_parents=True,
         )
     except (ValueError, TypeError, OSError, VerificationError) as exc:
         print(f"lora-ext export: error: {exc}", file=sys.stderr)

@@ -1,10 +1,13 @@
 """File handling shared by the exporter and the adapter writer: output checks, the temporary
-directory next to the target, atomic commit, sizes."""
+directory next to the target (named after its owner, so a later export removes what a killed
+one left), missing output directories created atomically, atomic commit, sizes."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +20,12 @@ import onnx
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-def check_output_path(path: str | os.PathLike, arg: str = "path", suffix: str = ".onnx") -> Path:
-    """Resolve an output path and check, before any work, that its directory exists and is
-    writable and that the path is not a directory.
+def check_output_path(
+    path: str | os.PathLike, arg: str = "path", suffix: str = ".onnx", make_parents: bool = False
+) -> Path:
+    """Resolve an output path and check, before any work, that its directory exists (or, with
+    ``make_parents``, that its nearest existing ancestor is a directory) and is writable and
+    that the path is not a directory.
 
     Raises:
         FileNotFoundError / NotADirectoryError / PermissionError / IsADirectoryError, each
@@ -29,7 +35,9 @@ def check_output_path(path: str | os.PathLike, arg: str = "path", suffix: str = 
     if target.suffix != suffix:
         raise ValueError(f"{arg}: got {str(path)!r}, need a file name ending in {suffix!r}")
     parent = target.parent
-    if not parent.exists():
+    if make_parents:
+        parent = _existing_ancestor(parent)
+    elif not parent.exists():
         raise FileNotFoundError(
             f"{arg}: the directory {str(parent)!r} does not exist; create it first"
         )
@@ -44,22 +52,108 @@ def check_output_path(path: str | os.PathLike, arg: str = "path", suffix: str = 
     return target
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (as a file or a directory)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+# -- staging directories: ".<name>.tmp-<pid>@<host>-<random>" next to what they stage -----
+def _staging_prefix(name: str) -> str:
+    return f".{name}.tmp-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_staging(directory: Path, name: str) -> list[Path]:
+    """Remove the staging directories for ``name`` in ``directory`` that a process of this
+    host left when it died (killed during an export): only directories named as
+    :func:`staging_dir` names them, only when their owner's pid is gone. Staging of a live
+    process, of another host, or named otherwise is left alone. Returns what was removed."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.tmp-(\d+)@(.+)-[A-Za-z0-9_]+$")
+    host = socket.gethostname()
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match or match.group(2) != host or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _owner_alive(pid):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _mkdtemp(name: str, directory: Path, arg: str) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=_staging_prefix(name), dir=directory))
+    except OSError as exc:
+        raise PermissionError(
+            f"{arg}: cannot write in {str(directory)!r} ({exc.strerror}); choose another "
+            "output path"
+        ) from None
+
+
 @contextmanager
 def staging_dir(target: Path, arg: str = "path") -> Iterator[Path]:
     """A temporary directory next to ``target`` (same file system, so the final rename is
     atomic), removed on exit whatever happens. Creating it also proves the directory is
-    writable (os.access says yes to root even on a read-only mount)."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as exc:
-        raise PermissionError(
-            f"{arg}: cannot write in {str(target.parent)!r} ({exc.strerror}); choose another "
-            "output path"
-        ) from None
+    writable (os.access says yes to root even on a read-only mount). Its name carries this
+    process's pid and host; staging that dead processes left for the same target is removed
+    first (:func:`remove_stale_staging`)."""
+    remove_stale_staging(target.parent, target.name)
+    tmp = _mkdtemp(target.name, target.parent, arg)
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def output_parents(target: Path, arg: str = "path") -> Iterator[Path]:
+    """Where to write ``target`` when its directory may be missing, created atomically.
+
+    Yields ``target`` itself when its directory exists. Otherwise the missing directories
+    are built inside a staging directory in the nearest existing ancestor and the path
+    yielded lies in that copy; when the block succeeds the copy's top directory is renamed
+    into place (one atomic rename: the directory appears with its files), and when it fails
+    nothing is left. Use as ``with output_parents(t) as where, staging_dir(where) as tmp:``
+    and commit into ``where.parent``.
+    """
+    if target.parent.is_dir():
+        yield target
+        return
+    base = _existing_ancestor(target.parent)
+    top = base / target.parent.relative_to(base).parts[0]  # the first missing directory
+    remove_stale_staging(base, top.name)
+    shadow = _mkdtemp(top.name, base, arg)
+    try:
+        where = shadow / target.relative_to(top)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        yield where
+        try:
+            os.rename(shadow, top)
+        except OSError as exc:  # another process created ``top`` (with files) meanwhile
+            raise FileExistsError(
+                f"{arg}: {str(top)!r} appeared while the export ran ({exc.strerror}); "
+                "nothing was written, run again"
+            ) from None
+    finally:
+        shutil.rmtree(shadow, ignore_errors=True)
 
 
 def commit(staged: list[Path], target_dir: Path) -> list[Path]:

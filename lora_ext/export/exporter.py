@@ -60,6 +60,7 @@ from ._io import (
     commit,
     file_size,
     initializer_bytes,
+    output_parents,
     save_model,
     staging_dir,
 )
@@ -76,10 +77,24 @@ QUANTIZE = (None, "int8")
 OPTIMIZE = (None, "bert")
 # 17: LayerNormalization is one op; run by onnxruntime >= 1.11 and most edge runtimes.
 DEFAULT_OPSET = 17
+# accepted opsets; the TorchScript exporter writes up to 20, 21 is reached with onnx's
+# version converter (no op the exports use changed meaning in 21)
+OPSETS = range(17, 22)
+_TORCH_MAX_OPSET = 20
 # max |onnx - torch| / max |torch| accepted by verify, per variant. fp32 is the contract;
 # fp16 carries ~1e-3 relative rounding per layer; int8 is judged by task agreement
 # (argmax), so only finiteness is enforced by default.
 DEFAULT_TOLERANCE: dict[str, float | None] = {"fp32": 1e-4, "fp16": 2e-2, "int8": None}
+# The quality gate of quantized files (fp16, int8): the fraction of verification rows whose
+# argmax equals PyTorch's (a classifier: one row per sequence; a causal LM: one per
+# position, i.e. next-token agreement), over every verification input together, counting
+# only rows PyTorch decides (its top probability at least NEAR_TIE above the runner-up: no
+# precision settles a near-tie). Below it nothing is written unless
+# ``accept_low_agreement=True`` (CLI --accept-low-agreement). Quantized exports verify on
+# one more random batch (QUALITY_ROWS sequences) so that the fraction is not of a handful.
+DEFAULT_MIN_AGREEMENT = 0.9
+NEAR_TIE = 0.1
+QUALITY_ROWS = 32
 # namespaces of ops the ONNX exporter knows; anything else (a custom C++/CUDA op) has no
 # ONNX form
 _ONNX_NAMESPACES = {"aten", "prim", "prims", "profiler"}
@@ -108,11 +123,17 @@ class VerifyCheck:
     max_abs: float
     max_rel: float
     argmax_agree: float
+    rows: int = 0  # rows of the output (batch, or batch x seq for [b, s, v])
+    decided_rows: int = 0  # of which PyTorch decides (top-2 probability margin >= NEAR_TIE)
+    decided_agree: float = 1.0  # argmax agreement over the decided rows
 
 
 @dataclass
 class ExportReport:
-    """What export_onnx wrote and measured."""
+    """What export_onnx wrote and measured. ``dtype`` is the weights of the file written
+    ("fp32", "fp16" or "int8"); ``agreement`` the argmax agreement with PyTorch over the
+    verification rows PyTorch decides (near-ties excluded; None if there were none), the
+    quality gate of fp16/int8 files (``min_agreement``)."""
 
     path: Path
     files: list[Path]
@@ -135,6 +156,9 @@ class ExportReport:
     checks: list[VerifyCheck] = field(default_factory=list)
     ort_latency_ms: float | None = None
     export_seconds: float = 0.0
+    agreement: float | None = None
+    min_agreement: float | None = None
+    accepted_low_agreement: bool = False
 
     @property
     def max_rel(self) -> float | None:
@@ -143,6 +167,22 @@ class ExportReport:
     @property
     def max_abs(self) -> float | None:
         return max((c.max_abs for c in self.checks), default=None)
+
+    def __repr__(self) -> str:
+        return f"<ExportReport {self.summary()}>"
+
+    def summary(self) -> str:
+        """One line: what was written, where, how big, how it verified."""
+        verified = (
+            f"max rel {self.max_rel:.1e}"
+            + (f", argmax agreement {self.agreement:.1%}" if self.agreement is not None else "")
+            if self.checks
+            else "not verified"
+        )
+        return (
+            f"{self.dtype} ONNX (opset {self.opset}) at {self.path}, "
+            f"{self.size_bytes / 1e6:.1f} MB, {verified}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -155,9 +195,8 @@ class ExportReport:
 
     def table(self) -> str:
         """A readable summary: the files, then one line per verification."""
-        variant = self.quantize or self.dtype
         lines = [
-            f"ONNX {variant} (opset {self.opset}) -> {self.path}",
+            f"ONNX {self.dtype} (opset {self.opset}) -> {self.path}",
             f"  size {self.size_bytes / 1e6:.1f} MB"
             + (" (external data)" if self.external_data else "")
             + f", export {self.export_seconds:.1f} s"
@@ -196,6 +235,12 @@ class ExportReport:
                     f"    {c.inputs:<18} {c.batch:>5} {c.seq:>5} {c.max_abs:>10.2e} "
                     f"{c.max_rel:>10.2e} {c.argmax_agree:>6.1%}"
                 )
+        if self.min_agreement is not None and self.agreement is not None:
+            lines.append(
+                f"  quality gate: argmax agreement {self.agreement:.1%} (minimum "
+                f"{self.min_agreement:.0%})"
+                + (" BELOW, written by override" if self.accepted_low_agreement else "")
+            )
         return "\n".join(lines)
 
 
@@ -214,6 +259,11 @@ def _check_inputs(example_inputs: Any) -> dict[str, torch.Tensor]:
         if value.dim() != 2:
             raise ValueError(
                 f"example_inputs[{name!r}]: got shape {list(value.shape)}, need [batch, seq]"
+            )
+        if value.numel() == 0:
+            raise ValueError(
+                f"example_inputs[{name!r}]: got shape {list(value.shape)}, need at least one "
+                "sequence of at least one token"
             )
         if shape is not None and tuple(value.shape) != shape:
             raise ValueError(
@@ -326,13 +376,23 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 class _ExportWrapper(nn.Module):
-    """Positional forward (input tensors, then A'/B' pairs) -> logits, as tracing needs."""
+    """Positional forward (input tensors, then A'/B' pairs) -> logits, as tracing needs.
+
+    ``plain_inputs`` (the traced wrapper of a plain export): a bidirectional encoder gets its
+    padding mask as the additive [batch, 1, 1, seq] mask, ``(1 - mask) * finfo.min``, that
+    its attention adds (transformers returns a 4-D mask as given) instead of transformers'
+    mask construction, whose index arithmetic (a Flatten of [batch, seq] and a Gather of
+    batch x seq x seq indices) other runtimes cannot shape (tract); and a model that takes
+    ``token_type_ids`` the example lacks gets zeros shaped like ``input_ids`` (what it uses
+    by default) instead of a slice of its constant buffer. Same outputs, fewer nodes.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         names: list[str],
         lora: list[_adapters.LoraInputLinear],
+        plain_inputs: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -341,16 +401,40 @@ class _ExportWrapper(nn.Module):
         params = _forward_params(model)
         # no KV cache in the graph: the export is a single full-sequence pass
         self.extra: dict[str, Any] = {"use_cache": False} if "use_cache" in params else {}
+        self.zero_token_types = (
+            plain_inputs
+            and "token_type_ids" in params
+            and "token_type_ids" not in names
+            and "input_ids" in names
+        )
+        self.additive_mask = plain_inputs and "attention_mask" in names and _bidirectional(model)
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         n = len(self.names)
         for i, layer in enumerate(self.lora):
             layer.lora_a, layer.lora_b = args[n + 2 * i], args[n + 2 * i + 1]
+        feeds = dict(zip(self.names, args[:n]))
+        if self.zero_token_types:
+            feeds["token_type_ids"] = torch.zeros_like(feeds["input_ids"])
+        if self.additive_mask:
+            mask = feeds["attention_mask"][:, None, None, :].to(torch.float32)
+            feeds["attention_mask"] = (1.0 - mask) * torch.finfo(torch.float32).min
         try:
-            return _logits(self.model(**dict(zip(self.names, args[:n])), **self.extra))
+            return _logits(self.model(**feeds, **self.extra))
         finally:
             for layer in self.lora:
                 layer.lora_a = layer.lora_b = None
+
+
+def _bidirectional(model: nn.Module) -> bool:
+    """Every attention of ``model`` is non-causal (BERT-family encoders), as transformers
+    marks it with ``is_causal``; False when nothing says so."""
+    if getattr(getattr(model, "config", None), "is_decoder", False):
+        return False
+    flags = [
+        m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)
+    ]
+    return bool(flags) and not any(flags)
 
 
 def _forward_params(model: nn.Module) -> set[str]:
@@ -451,8 +535,27 @@ def _compare(name: str, shape: tuple[int, int], out: np.ndarray, ref: np.ndarray
     max_abs = float(np.abs(out64 - ref64).max()) if out.size else 0.0
     scale = float(np.abs(ref64).max()) if ref.size else 0.0
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-    agree = float((out.argmax(-1) == ref.argmax(-1)).mean()) if out.size else 1.0
-    return VerifyCheck(name, int(shape[0]), int(shape[1]), max_abs, max_rel, agree)
+    same = out.argmax(-1) == ref.argmax(-1)
+    agree = float(same.mean()) if out.size else 1.0
+    rows = int(np.prod(out.shape[:-1])) if out.ndim else 0
+    decided = _decided(ref64) if out.size else np.zeros(0, dtype=bool)
+    n_decided = int(decided.sum())
+    decided_agree = float(same[decided].mean()) if n_decided else 1.0
+    return VerifyCheck(
+        name, int(shape[0]), int(shape[1]), max_abs, max_rel, agree, rows, n_decided, decided_agree
+    )
+
+
+def _decided(logits: np.ndarray) -> np.ndarray:
+    """Rows (all axes but the last) whose top softmax probability exceeds the runner-up's
+    by at least NEAR_TIE."""
+    if logits.shape[-1] < 2:
+        return np.ones(logits.shape[:-1], dtype=bool)
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    top2 = np.sort(p, axis=-1)[..., -2:]
+    return (top2[..., 1] - top2[..., 0]) >= NEAR_TIE
 
 
 def _latency_ms(session: Any, feeds: dict[str, np.ndarray], runs: int = 10) -> float:
@@ -493,6 +596,9 @@ class _Export:
     seed: int
     say: Callable[[str], None]
     t_start: float
+    min_agreement: float | None = None
+    accept_low_agreement: bool = False
+    make_parents: bool = False
     # the staging directory next to the target
     tmp: Path = Path()
     # _copy_model, _reference_outputs
@@ -560,6 +666,9 @@ def export_onnx(
     first_token_only: bool | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    min_agreement: float | None = None,
+    accept_low_agreement: bool = False,
+    make_parents: bool = False,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path`` and check it in onnxruntime.
 
@@ -568,7 +677,8 @@ def export_onnx(
             modified (a deep copy is merged and exported).
         example_inputs: {name: tensor [batch, seq]} (e.g. a tokenizer's output); the names
             become the graph inputs, in this order, with dynamic axes "batch" and "sequence".
-        path: output file (``.onnx``); its directory must exist and be writable.
+        path: output file (``.onnx``); its directory must exist and be writable (or, with
+            ``make_parents``, is created: atomically, nothing is left if the export fails).
         dtype: "fp32" or "fp16" (weights and activations in half; inputs/outputs unchanged).
         quantize: None or "int8" (onnxruntime dynamic quantization, int8 weights per
             channel, embeddings per column, activations smoothed on ``calibration``);
@@ -587,7 +697,7 @@ def export_onnx(
             eager attention implementation (same outputs as SDPA; verify compares with the
             model as given), because the fusion patterns do not match the SDPA graph.
             Needs merge=True and dtype="fp32" (int8 may follow).
-        opset: ONNX opset.
+        opset: ONNX opset, 17 to 21.
         output_name: name of the graph output (the model's logits).
         tolerance: max accepted relative error (max |onnx - torch| / max |torch|); default
             1e-4 for fp32, 2e-2 for fp16, none for int8 (judged by argmax agreement).
@@ -610,6 +720,16 @@ def export_onnx(
             False: never (every position of every layer, as the model runs in PyTorch).
         seed: seed of the random verification inputs.
         log: progress callback (default: the "lora_ext.export" logger at INFO).
+        min_agreement: the quality gate of quantized files (fp16, int8): the fraction of
+            verification rows whose argmax matches PyTorch's (next-token agreement for a
+            causal LM), over the rows PyTorch decides (top-2 probability margin >=
+            NEAR_TIE, 0.1); default DEFAULT_MIN_AGREEMENT (0.9). Quantized exports verify
+            on one more random batch of QUALITY_ROWS (32) sequences. Below it
+            VerificationError, nothing written.
+        accept_low_agreement: write a quantized file below ``min_agreement`` anyway, with a
+            warning and ``report.accepted_low_agreement`` set.
+        make_parents: create the missing directories of ``path`` (atomically: they appear
+            with the file, or not at all).
 
     Returns: ExportReport (files, size, verification figures, onnxruntime latency).
 
@@ -617,7 +737,8 @@ def export_onnx(
         ValueError / TypeError: bad arguments (named). FileNotFoundError / PermissionError:
         the output directory is missing or not writable (before any work).
         UnsupportedModuleError: a module has no ONNX form (named). VerificationError: the
-        file does not match PyTorch (by how much); no file is left at ``path``.
+        file does not match PyTorch (by how much), or a quantized file is below the quality
+        gate; no file is left at ``path``.
     """
     ctx = _check_arguments(
         model,
@@ -639,12 +760,15 @@ def export_onnx(
         first_token_only=first_token_only,
         seed=seed,
         say=log or logger.info,
+        min_agreement=min_agreement,
+        accept_low_agreement=accept_low_agreement,
+        make_parents=make_parents,
     )
-    with staging_dir(ctx.target) as ctx.tmp:
+    with output_parents(ctx.target) as where, staging_dir(where) as ctx.tmp:
         for stage in _STAGES:
             stage(ctx)
-        written = commit(ctx.staged, ctx.target.parent)
-    return _finish_report(ctx, written)
+        written = commit(ctx.staged, where.parent)
+    return _finish_report(ctx, [ctx.target.parent / p.name for p in written])
 
 
 def _check_arguments(
@@ -668,6 +792,9 @@ def _check_arguments(
     first_token_only: bool | None,
     seed: int,
     say: Callable[[str], None],
+    min_agreement: float | None = None,
+    accept_low_agreement: bool = False,
+    make_parents: bool = False,
 ) -> _Export:
     """Every argument checked, and the output directory, before any work."""
     t_start = time.perf_counter()
@@ -687,14 +814,18 @@ def _check_arguments(
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: got {type(model).__name__}, need a torch.nn.Module")
-    if not isinstance(opset, int) or not 14 <= opset <= 20:
-        raise ValueError(f"opset: got {opset!r}, need an int in [14, 20]")
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset not in OPSETS:
+        raise ValueError(f"opset: got {opset!r}, need an int in [{OPSETS[0]}, {OPSETS[-1]}]")
+    if min_agreement is not None and not 0.0 <= float(min_agreement) <= 1.0:
+        raise ValueError(f"min_agreement: got {min_agreement!r}, need a fraction in [0, 1]")
     example = _check_inputs(example_inputs)
-    target = check_output_path(path)
+    target = check_output_path(path, make_parents=bool(make_parents))
     variant = quantize or dtype
     tol = DEFAULT_TOLERANCE[variant] if tolerance is None else float(tolerance)
     batch, seq = next(iter(example.values())).shape
     shapes = list(_default_shapes(batch, seq) if verify_shapes is None else verify_shapes)
+    if verify_shapes is None and variant != "fp32":
+        shapes.append((QUALITY_ROWS, seq))  # rows for the quality gate
     for b, s in shapes:
         if b < 1 or s < 1:
             raise ValueError(f"verify_shapes: got {(b, s)}, need positive (batch, seq)")
@@ -728,6 +859,15 @@ def _check_arguments(
         seed=seed,
         say=say,
         t_start=t_start,
+        min_agreement=(
+            None
+            if variant == "fp32"
+            else DEFAULT_MIN_AGREEMENT
+            if min_agreement is None
+            else float(min_agreement)
+        ),
+        accept_low_agreement=bool(accept_low_agreement),
+        make_parents=bool(make_parents),
     )
 
 
@@ -803,7 +943,9 @@ def _prepare_for_tracing(ctx: _Export) -> None:
     # attention-probability tensor) and a longer mask construction, ~10% of MiniLM's
     # onnxruntime time on CPU, and the BERT fusion patterns match only the eager graph
     _use_eager_attention(work, ctx.say)
-    ctx.wrapper = _ExportWrapper(work, ctx.names, ctx.lora_modules).eval()
+    # (not with optimize="bert": its fusion patterns match transformers' own mask graph)
+    plain = ctx.optimize is None
+    ctx.wrapper = _ExportWrapper(work, ctx.names, ctx.lora_modules, plain_inputs=plain).eval()
     # (not before optimize="bert": its attention fusion matches the graph with the biases)
     if ctx.merge and ctx.optimize is None:
         folded = _rewrite.fold_attention_biases(work)
@@ -879,7 +1021,7 @@ def _trace_to_onnx(ctx: _Export) -> None:
                 input_names=names + ctx.lora_names,
                 output_names=[ctx.output_name],
                 dynamic_axes=dynamic_axes,
-                opset_version=ctx.opset,
+                opset_version=min(ctx.opset, _TORCH_MAX_OPSET),
                 do_constant_folding=True,
             )
     except Exception as exc:
@@ -889,6 +1031,11 @@ def _trace_to_onnx(ctx: _Export) -> None:
             + (f" ({where})" if where else "")
         ) from exc
     graph = onnx.load(str(ctx.raw))
+    if ctx.opset > _TORCH_MAX_OPSET:
+        from onnx import version_converter
+
+        graph = version_converter.convert_version(graph, ctx.opset)
+        onnx.save_model(graph, str(ctx.raw))  # optimize="bert" reads the file
     foreign = sorted({n.domain for n in graph.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:
         node = next(n for n in graph.graph.node if n.domain in foreign)
@@ -955,7 +1102,10 @@ def _convert_precision(ctx: _Export) -> None:
 
 
 def _add_metadata(ctx: _Export) -> None:
-    """Rank-0 defaults of the hot-swap inputs, and the facts the runner reads."""
+    """Rank-0 defaults of the hot-swap inputs, and the facts the runner reads. The traced
+    intermediate shapes (value_info) go: runtimes infer their own, and leftovers with a
+    symbolic batch make some refuse the file (tract)."""
+    del ctx.graph.graph.value_info[:]
     if ctx.lora_names:
         _add_rank0_defaults(ctx.graph, ctx.lora_names, ctx.lora_values)
     _set_metadata(
@@ -981,7 +1131,7 @@ def _save_staged(ctx: _Export) -> None:
         path=ctx.target,
         files=[],
         size_bytes=file_size(ctx.staged),
-        dtype=ctx.dtype,
+        dtype=ctx.variant,
         quantize=ctx.quantize,
         opset=ctx.opset,
         input_names=ctx.names,
@@ -1028,6 +1178,37 @@ def _verify_in_onnxruntime(ctx: _Export) -> None:
     report.ort_latency_ms = _latency_ms(session, ctx.feeds_all[0])
     del session
     _enforce(report, ctx.tol, ctx.target)
+    _quality_gate(ctx)
+
+
+def _quality_gate(ctx: _Export) -> None:
+    """A quantized file (fp16, int8) whose argmax agreement with PyTorch over the decided
+    verification rows (see NEAR_TIE) is below ``min_agreement`` is not written, unless
+    ``accept_low_agreement`` (then loudly)."""
+    report = ctx.report
+    rows = sum(c.decided_rows for c in report.checks)
+    if rows:
+        report.agreement = sum(c.decided_agree * c.decided_rows for c in report.checks) / rows
+    report.min_agreement = ctx.min_agreement
+    if ctx.min_agreement is None or report.agreement is None:
+        return
+    if report.agreement >= ctx.min_agreement:
+        return
+    what = (
+        f"{ctx.variant} file agrees with PyTorch on {report.agreement:.1%} of {rows} "
+        f"verification rows (argmax{', next token' if ctx.out_axes.get(1) else ''}, near-ties "
+        f"excluded), below the minimum {ctx.min_agreement:.0%}"
+    )
+    if not ctx.accept_low_agreement:
+        raise VerificationError(
+            f"quality gate: the {what}; nothing was written to {ctx.target} (pass "
+            "accept_low_agreement=True, CLI --accept-low-agreement, to write it anyway)"
+        )
+    report.accepted_low_agreement = True
+    message = f"quality gate overridden: writing the {what}"
+    logger.warning(message)
+    if ctx.say is not logger.info:
+        ctx.say(f"WARNING: {message}")
 
 
 def _write_ort_format(ctx: _Export) -> None:

@@ -21,7 +21,8 @@ int8, in three steps (``quantize_int8``):
    quantized per run (U8S8, the fast path of x86 VNNI and ARM dot-product kernels).
 3. Embedding tables (Gather on a constant table of >= 65,536 values): int8 with one scale
    per hidden dimension (onnxruntime's own Gather quantization uses one scale per table),
-   dequantized after the lookup by a standard DequantizeLinear.
+   dequantized after the lookup (Cast + Mul by the column scales: DequantizeLinear's
+   arithmetic with zero point 0, in ops every runtime and opset has).
 """
 
 from __future__ import annotations
@@ -312,8 +313,8 @@ def quantize_embeddings(
     model: onnx.ModelProto, min_elements: int = EMBEDDING_MIN_ELEMENTS
 ) -> list[str]:
     """Gather on a constant float32 table [rows, dim] of >= ``min_elements`` values ->
-    Gather on an int8 table, then DequantizeLinear with one scale per column (axis -1 of the
-    gathered rows). In place; returns the tables converted.
+    Gather on an int8 table, then Cast + Mul by one scale per column (axis -1 of the gathered
+    rows: DequantizeLinear with zero point 0). In place; returns the tables converted.
 
     A per-column scale follows the hidden dimensions' very different ranges (the outlier
     channels again), which one scale per table does not; the table shrinks 4x.
@@ -347,20 +348,30 @@ def quantize_embeddings(
             [
                 numpy_helper.from_array(q, f"{name}_int8"),
                 numpy_helper.from_array(scale, f"{name}_scale"),
-                numpy_helper.from_array(np.zeros(len(scale), np.int8), f"{name}_zero_point"),
             ]
         )
         rows = f"{node.output[0]}_int8"
         nodes.append(
             helper.make_node("Gather", [f"{name}_int8", node.input[1]], [rows], name=node.name)
         )
+        # DequantizeLinear(axis=-1) with zero point 0, as Cast + Mul: the same arithmetic in
+        # ops every runtime and opset has (onnx's reference runtime implements
+        # DequantizeLinear from opset 19 only)
         nodes.append(
             helper.make_node(
-                "DequantizeLinear",
-                [rows, f"{name}_scale", f"{name}_zero_point"],
+                "Cast",
+                [rows],
+                [f"{rows}_float"],
+                name=f"{node.name}_dequantize_cast",
+                to=onnx.TensorProto.FLOAT,
+            )
+        )
+        nodes.append(
+            helper.make_node(
+                "Mul",
+                [f"{rows}_float", f"{name}_scale"],
                 [node.output[0]],
                 name=f"{node.name}_dequantize",
-                axis=-1,
             )
         )
         done.append(name)

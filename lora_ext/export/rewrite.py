@@ -21,6 +21,9 @@ last layer with :class:`FirstTokenLayer`, which computes position 0 only, reasso
                                                               key bias is softmax-invariant)
     ctx_h  = (softmax(scores) H) W_v,hᵀ + b_v,h        [d]
 
+(the two per-head products with W_k,h and W_v,h as broadcast Mul + ReduceSum: every MatMul
+of the graph keeps a 2-D weight, which int8 quantizers need)
+
 so the layer costs O(s·hidden·heads) instead of O(s·hidden²): no K, V, Q projections of
 the whole sequence, no attention output or feed-forward over it.
 :func:`prune_to_first_token` checks the pruned model against the unpruned one on the given
@@ -154,8 +157,12 @@ class FirstTokenLayer(nn.Module):
         q = attn.query(first).reshape(-1, h, 1, d)
         keys = hidden_states.unsqueeze(1)  # [b, 1, s, hidden]
         if self.reassociate:
-            w_k = attn.key.weight.reshape(h, d, -1)  # [h, d, hidden]
-            scores = torch.matmul(torch.matmul(q, w_k), keys.transpose(-1, -2))  # [b, h, 1, s]
+            # q_h W_k,h as a broadcast product and a sum over d (not a MatMul with a 3-D
+            # constant weight, which int8 quantizers such as onnxruntime's quantize_dynamic
+            # cannot take): [b, h, d, 1] * [h, d, hidden] -> [b, h, 1, hidden]
+            w_k = attn.key.weight.reshape(h, d, -1)
+            qk = (q.transpose(-1, -2) * w_k).sum(-2, keepdim=True)
+            scores = torch.matmul(qk, keys.transpose(-1, -2))  # [b, h, 1, s]
         else:
             k = attn.key(hidden_states).unflatten(-1, (h, d)).transpose(1, 2)  # [b, h, s, d]
             scores = torch.matmul(q, k.transpose(-1, -2))
@@ -170,7 +177,8 @@ class FirstTokenLayer(nn.Module):
         probs = torch.softmax(scores, dim=-1)  # [b, h, 1, s]
         if self.reassociate:
             w_v = attn.value.weight.reshape(h, d, -1)  # [h, d, hidden]
-            ctx = torch.matmul(torch.matmul(probs, keys), w_v.transpose(-1, -2))  # [b, h, 1, d]
+            # (P H) W_v,hᵀ likewise: [b, h, 1, hidden] * [h, d, hidden], summed over hidden
+            ctx = (torch.matmul(probs, keys) * w_v).sum(-1).unsqueeze(-2)  # [b, h, 1, d]
             if attn.value.bias is not None:
                 ctx = ctx + attn.value.bias.reshape(h, 1, d)
         else:

@@ -42,6 +42,10 @@ def ort_session(
 
     Warnings are not logged (severity 3): hot-swap LoRA inputs with defaults and the
     exporter's unused initializers warn by design.
+
+    Raises:
+        ValueError: onnxruntime cannot load the file (not ONNX, corrupt, unsupported op),
+            naming it, with onnxruntime's first line.
     """
     import onnxruntime as ort
 
@@ -58,4 +62,10 @@ def ort_session(
         options.optimized_model_filepath = str(save_ort_to)
         options.add_session_config_entry("session.save_model_format", "ORT")
     chosen = default_providers() if providers is None else list(providers)
-    return ort.InferenceSession(str(path), options, providers=chosen)
+    try:
+        return ort.InferenceSession(str(path), options, providers=chosen)
+    except Exception as exc:  # onnxruntime's own classes (InvalidProtobuf, Fail...)
+        if type(exc).__module__.startswith("onnxruntime"):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{str(path)!r}: onnxruntime cannot load it ({first})") from None
+        raise
