@@ -75,7 +75,7 @@ def add_export_command(subparsers: Any) -> None:
         "--accept-low-agreement",
         action="store_true",
         help="write an --int8/--fp16 file even when its argmax agreement with PyTorch on the "
-        "verification inputs is below the quality gate (90%%); without it such a file is "
+        "verification inputs is below the quality gate (80%%); without it such a file is "
         "refused",
     )
     exp.add_argument("--task", choices=TASKS, help="default: from the model")

@@ -92,7 +92,11 @@ DEFAULT_TOLERANCE: dict[str, float | None] = {"fp32": 1e-4, "fp16": 2e-2, "int8"
 # precision settles a near-tie). Below it nothing is written unless
 # ``accept_low_agreement=True`` (CLI --accept-low-agreement). Quantized exports verify on
 # one more random batch (QUALITY_ROWS sequences) so that the fraction is not of a handful.
-DEFAULT_MIN_AGREEMENT = 0.9
+# 0.8, not 0.9: the rows are mostly random token ids, where a good int8 file agrees less than
+# on text (bench_export: the fused int8 of the trained MiniLM classifier, 99.3% on 1,000 real
+# snippets, agreed on 26 of 29 decided random rows, 89.7%); the gate stops broken files (the
+# causal-LM int8 of issue 13 at 61%), it is no accuracy measurement.
+DEFAULT_MIN_AGREEMENT = 0.8
 NEAR_TIE = 0.1
 QUALITY_ROWS = 32
 # namespaces of ops the ONNX exporter knows; anything else (a custom C++/CUDA op) has no
@@ -723,7 +727,7 @@ def export_onnx(
         min_agreement: the quality gate of quantized files (fp16, int8): the fraction of
             verification rows whose argmax matches PyTorch's (next-token agreement for a
             causal LM), over the rows PyTorch decides (top-2 probability margin >=
-            NEAR_TIE, 0.1); default DEFAULT_MIN_AGREEMENT (0.9). Quantized exports verify
+            NEAR_TIE, 0.1); default DEFAULT_MIN_AGREEMENT (0.8). Quantized exports verify
             on one more random batch of QUALITY_ROWS (32) sequences. Below it
             VerificationError, nothing written.
         accept_low_agreement: write a quantized file below ``min_agreement`` anyway, with a

@@ -167,12 +167,12 @@ def test_the_adapter_is_in_the_merged_file(minilm_classifier, clf, merged, encod
 
 
 # -- first-token pruning of the last layer -------------------------------------------------
-def _weight_shapes(path) -> Counter:
-    """How many MatMuls read a constant weight of each shape."""
+def _weight_shapes(path, op: str = "MatMul") -> Counter:
+    """How many ``op`` nodes read a constant second input of each shape."""
     graph = onnx.load(str(path))
     dims = {i.name: tuple(i.dims) for i in graph.graph.initializer}
     return Counter(
-        dims[n.input[1]] for n in graph.graph.node if n.op_type == "MatMul" and n.input[1] in dims
+        dims[n.input[1]] for n in graph.graph.node if n.op_type == op and n.input[1] in dims
     )
 
 
@@ -186,13 +186,15 @@ def test_merged_export_computes_the_last_layer_for_token_0_only(clf, merged, enc
     assert not full.first_token_only and full.max_rel <= 1e-4
     # MiniLM-L6: 6 layers x (Q, K, V, O) [384, 384] and FFN weights in the full graph; the
     # pruned last layer keeps Q and O (one row each) and folds K and V into per-head products
-    # with [12, 32, 384] / [12, 384, 32] weights, so no projection of the whole sequence is
-    # left in it
+    # with [12, 32, 384] weights (broadcast Mul + ReduceSum, so that every MatMul keeps a 2-D
+    # weight, as int8 quantizers need), so no projection of the whole sequence is left in it
     shapes_full, shapes_pruned = _weight_shapes(full.path), _weight_shapes(report.path)
-    per_head = [(12, 32, 384), (12, 384, 32)]
-    assert shapes_full[(384, 384)] == 24 and all(shapes_full[s] == 0 for s in per_head)
-    assert shapes_pruned[(384, 384)] == 22 and all(shapes_pruned[s] == 1 for s in per_head)
+    assert shapes_full[(384, 384)] == 24 and shapes_pruned[(384, 384)] == 22
+    assert {len(s) for s in shapes_pruned} == {len(s) for s in shapes_full} == {2}
     assert shapes_pruned[(384, 1536)] == shapes_full[(384, 1536)] == 6
+    per_head = (12, 32, 384)
+    assert _weight_shapes(full.path, "Mul")[per_head] == 0
+    assert _weight_shapes(report.path, "Mul")[per_head] == 2
     # same logits on padded batches, both against PyTorch
     runs = [
         OnnxRunner(r.path, tok, providers=["CPUExecutionProvider"])(SENTENCES)
@@ -509,8 +511,12 @@ def test_embeddings_are_int8_per_column(merged, tmp_path):
     assert scale.shape == (table.shape[1],)  # one scale per hidden dimension
     restored = inits[f"{name}_int8"].astype(np.float32) * scale
     assert (np.abs(restored - table) <= scale / 2 + 1e-7).all()
-    dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"]
-    assert len(dq) == 2 and all(a.i == -1 for n in dq for a in n.attribute if a.name == "axis")
+    # dequantized after the lookup by Cast + Mul with the [hidden] scale (DequantizeLinear
+    # with zero point 0, in ops every runtime and opset has)
+    dq = [n for n in graph.graph.node if n.op_type == "Mul" and n.input[1].endswith("_scale")]
+    assert len(dq) == 2 and all(inits[n.input[1]].shape == scale.shape for n in dq)
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    assert all(producers[n.input[0]].op_type == "Cast" for n in dq)
 
 
 def test_calibration_arguments_are_checked(minilm_classifier, tmp_path):
