@@ -293,16 +293,8 @@ class DecoderRunner:
         ]
         self.logits_name = outs["logits"]
         self.ids_name, self.mask_name = ins["input_ids"], ins["attention_mask"]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads: got {threads}, need >= 1")
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(self.folder / dec["filename"]),
-            options,
-            providers=list(providers or default_providers()),
+        self.session = ort_session(  # the one session set-up (export/session.py)
+            self.folder / dec["filename"], providers=providers or None, threads=threads
         )
         declared = {i.name: i for i in self.session.get_inputs()}
         if "position_ids" in declared:
