@@ -388,7 +388,8 @@ class _ExportWrapper(nn.Module):
     mask construction, whose index arithmetic (a Flatten of [batch, seq] and a Gather of
     batch x seq x seq indices) other runtimes cannot shape (tract); and a model that takes
     ``token_type_ids`` the example lacks gets zeros shaped like ``input_ids`` (what it uses
-    by default) instead of a slice of its constant buffer. Same outputs, fewer nodes.
+    by default; a BERT-family encoder only) instead of a slice of its constant buffer. Same
+    outputs, fewer nodes.
     """
 
     def __init__(
@@ -405,11 +406,14 @@ class _ExportWrapper(nn.Module):
         params = _forward_params(model)
         # no KV cache in the graph: the export is a single full-sequence pass
         self.extra: dict[str, Any] = {"use_cache": False} if "use_cache" in params else {}
+        # only a BERT-family encoder reads absent token types as zeros; GPT-2 takes
+        # token_type_ids too, but adds wte(token_type_ids) only when they are given
         self.zero_token_types = (
             plain_inputs
             and "token_type_ids" in params
             and "token_type_ids" not in names
             and "input_ids" in names
+            and _bidirectional(model)
         )
         self.additive_mask = plain_inputs and "attention_mask" in names and _bidirectional(model)
 
@@ -1052,6 +1056,11 @@ def _trace_to_onnx(ctx: _Export) -> None:
         graph, constant_shapes = _graph_passes.constant_reshapes(graph)
     if constant_shapes:
         ctx.say(f"{constant_shapes} Reshape targets made constant (shape arithmetic removed)")
+    if ctx.quantize is None and ctx.optimize is None:
+        # int8 quantizes the LM head's MatMul weight and the table separately: left alone
+        graph, tied = _graph_passes.share_tied_weights(graph)
+        if tied:
+            ctx.say(f"{tied} tied weight(s) stored once (the LM head reads the embedding)")
     ctx.graph = graph
     ctx.heads, ctx.hidden = _attention_shape(ctx.work)
     ctx.work = ctx.wrapper = None  # the PyTorch copy is no longer needed

@@ -138,3 +138,58 @@ def constant_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     if rewritten:
         _remove_dead_nodes(model)
     return model, rewritten
+
+
+def share_tied_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Store a tied embedding once: torch.onnx writes a tied LM head as a second initializer
+    ``Wᵀ`` [hidden, vocab] beside the embedding table ``W`` [vocab, hidden] its Gather reads.
+    A MatMul whose weight equals, bit for bit, the transpose of a Gather's table reads
+    ``Transpose(table)`` instead and the copy is dropped (onnxruntime folds the Transpose of a
+    constant when the session loads, so the runtime cost is unchanged). Exact; in place.
+
+    Returns:
+        (model, number of weights now shared).
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    tables = {
+        n.input[0]
+        for n in graph.node
+        if n.op_type == "Gather"
+        and n.input
+        and n.input[0] in inits
+        and len(inits[n.input[0]].dims) == 2
+    }
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name in tables:
+        rows, cols = inits[name].dims
+        by_shape.setdefault((cols, rows), []).append(name)  # the transposed shape
+    shared = 0
+    transposed: dict[str, str] = {}
+    for node in list(graph.node):
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits:
+            continue
+        weight = inits[node.input[1]]
+        candidates = by_shape.get(tuple(weight.dims), []) if len(weight.dims) == 2 else []
+        if not candidates:
+            continue
+        w = numpy_helper.to_array(weight)
+        for table in candidates:
+            if inits[table].data_type != weight.data_type:
+                continue
+            if not np.array_equal(numpy_helper.to_array(inits[table]).T, w):
+                continue
+            if table not in transposed:
+                out = f"{table}.transposed"
+                graph.node.insert(
+                    0, onnx.helper.make_node("Transpose", [table], [out], perm=[1, 0], name=out)
+                )
+                transposed[table] = out
+            node.input[1] = transposed[table]
+            shared += 1
+            break
+    if shared:
+        used = _names_read(graph)
+        for t in [t for t in graph.initializer if t.name not in used]:
+            graph.initializer.remove(t)
+    return model, shared

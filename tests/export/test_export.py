@@ -872,3 +872,30 @@ def test_cli_export_bad_out_dir_fails_fast(tmp_path, capsys):
     assert args.func(args) == 1
     err = capsys.readouterr().err
     assert "--out: " in err and "is not a directory" in err and "loading" not in err
+
+
+def test_tied_embedding_is_stored_once(tmp_path):
+    """GPT-2 ties its LM head to the token embedding: the fp32 file stores the table once
+    (the head reads Transpose(table)) and still matches PyTorch (export_onnx verifies)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from lora_ext.training import models
+
+    model = models.tiny_gpt2()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    ids = torch.randint(0, 512, (2, 9))
+    report = export_onnx(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                         tmp_path / "lm.onnx")  # fmt: skip
+    assert report.max_rel <= 1e-4
+    graph = onnx.load(str(report.path)).graph
+    table = model.transformer.wte.weight.detach().numpy()
+    copies = [
+        t.name for t in graph.initializer
+        if sorted(t.dims) == sorted(table.shape)
+        and (np.array_equal(numpy_helper.to_array(t), table)
+             or np.array_equal(numpy_helper.to_array(t), table.T))
+    ]  # fmt: skip
+    assert len(copies) == 1, copies
+    assert any(n.op_type == "Transpose" and n.input[0] == copies[0] for n in graph.node)
