@@ -97,38 +97,9 @@ class OnnxRunner:
         in/out sizes) before use, so a wrong adapter fails with a message, not a wrong
         answer.
         """
-        import onnxruntime as ort
-
-        self._run_options = ort.RunOptions()
-        self.adapter_path = None
-        if adapter is None:
-            return
-        if not self.lora_inputs:
-            raise ValueError(
-                f"adapter: {self.path.name} was exported merged (no LoRA graph inputs); "
-                "export with merge=False (--hot-swap) to swap adapters"
-            )
-        path = Path(adapter)
-        if path.suffix != ADAPTER_SUFFIX:
-            raise ValueError(f"adapter: got {str(path)!r}, need a {ADAPTER_SUFFIX} file")
-        for name, value in read_onnx_adapter(path).items():
-            if name not in self._lora_shapes:
-                raise ValueError(
-                    f"adapter: {path.name} has tensor {name!r}, which is not a LoRA input of "
-                    f"{self.path.name} (inputs like {self.lora_inputs[0]!r})"
-                )
-            fixed = 0 if name.endswith(".lora_A.weight") else 1  # the non-rank axis
-            need = self._lora_shapes[name][fixed]
-            if value.ndim != 2 or (isinstance(need, int) and value.shape[fixed] != need):
-                raise ValueError(
-                    f"adapter: {path.name} tensor {name!r} has shape {list(value.shape)}, the "
-                    f"model needs {self._lora_shapes[name]}"
-                )
-        lora_adapter = ort.LoraAdapter()
-        lora_adapter.Load(str(path))
-        self._run_options.add_active_adapter(lora_adapter)
-        self._adapter = lora_adapter  # the run options refer to it: keep it alive
-        self.adapter_path = path
+        self._run_options, self._adapter, self.adapter_path = activate_adapter(
+            adapter, self._lora_shapes, self.path.name
+        )
 
     def run(self, feeds: Mapping[str, Any]) -> np.ndarray:
         """Logits for ready inputs {name: int64 array [batch, seq]} (extra names ignored,
@@ -319,38 +290,9 @@ class DecoderRunner:
     def set_adapter(self, adapter: str | os.PathLike | None) -> None:
         """Activate an ``.onnx_adapter`` file on a hot-swap folder, or None for the base.
         Its tensors are checked against the graph's LoRA inputs (names, in/out sizes)."""
-        import onnxruntime as ort
-
-        self._run_options = ort.RunOptions()
-        self.adapter_path = None
-        if adapter is None:
-            return
-        if not self._lora_shapes:
-            raise ValueError(
-                f"adapter: {self.folder.name} was exported merged (no LoRA inputs); export "
-                "with merge=False (--hot-swap) to swap adapters"
-            )
-        path = Path(adapter)
-        if path.suffix != ADAPTER_SUFFIX:
-            raise ValueError(f"adapter: got {str(path)!r}, need a {ADAPTER_SUFFIX} file")
-        for name, value in read_onnx_adapter(path).items():
-            need = self._lora_shapes.get(name)
-            if need is None:
-                raise ValueError(
-                    f"adapter: {path.name} has tensor {name!r}, not a LoRA input of "
-                    f"{self.folder.name}: an adapter for another base"
-                )
-            fixed = 0 if ".lora_A." in name else 1
-            if value.ndim != 2 or value.shape[fixed] != need[fixed]:
-                raise ValueError(
-                    f"adapter: {path.name} tensor {name!r} has shape {list(value.shape)}, "
-                    f"the model needs {need}"
-                )
-        lora_adapter = ort.LoraAdapter()
-        lora_adapter.Load(str(path))
-        self._run_options.add_active_adapter(lora_adapter)
-        self._adapter = lora_adapter  # the run options refer to it: keep it alive
-        self.adapter_path = path
+        self._run_options, self._adapter, self.adapter_path = activate_adapter(
+            adapter, self._lora_shapes, self.folder.name
+        )
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
@@ -478,3 +420,48 @@ class DecoderRunner:
             decode_s=decode,
             decode_steps=steps,
         )
+
+
+def activate_adapter(
+    adapter: str | os.PathLike | None, lora_shapes: Mapping[str, Any], model_name: str
+) -> tuple[Any, Any, Path | None]:
+    """Run options with an ``.onnx_adapter`` file active, for both runners; None: the base.
+
+    The file's tensors are checked against the graph's LoRA inputs (names, and the non-rank
+    axis of each: A' [in, r], B' [r, out]) before use, so a wrong adapter fails with a
+    message, not a wrong answer.
+
+    Returns:
+        (onnxruntime RunOptions, the LoraAdapter they refer to (keep it alive), its path).
+    """
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    if adapter is None:
+        return options, None, None
+    if not lora_shapes:
+        raise ValueError(
+            f"adapter: {model_name} was exported merged (no LoRA graph inputs); export with "
+            "merge=False (--hot-swap) to swap adapters"
+        )
+    path = Path(adapter)
+    if path.suffix != ADAPTER_SUFFIX:
+        raise ValueError(f"adapter: got {str(path)!r}, need a {ADAPTER_SUFFIX} file")
+    for name, value in read_onnx_adapter(path).items():
+        shape = lora_shapes.get(name)
+        if shape is None:
+            raise ValueError(
+                f"adapter: {path.name} has tensor {name!r}, which is not a LoRA input of "
+                f"{model_name}: an adapter for another base"
+            )
+        fixed = 0 if ".lora_A." in name else 1  # the non-rank axis
+        need = shape[fixed]
+        if value.ndim != 2 or (isinstance(need, int) and value.shape[fixed] != need):
+            raise ValueError(
+                f"adapter: {path.name} tensor {name!r} has shape {list(value.shape)}, the "
+                f"model needs {shape}"
+            )
+    lora_adapter = ort.LoraAdapter()
+    lora_adapter.Load(str(path))
+    options.add_active_adapter(lora_adapter)
+    return options, lora_adapter, path
