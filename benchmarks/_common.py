@@ -16,3 +16,23 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def time_call(fn, device) -> float:
+    """Seconds one call of ``fn()`` takes: CUDA events on a GPU (the kernels' time, not the
+    launch's), wall time on the CPU."""
+    import time
+
+    import torch
+
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

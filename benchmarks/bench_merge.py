@@ -18,11 +18,10 @@ import argparse
 import json
 import re
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from _common import cpu_name
+from _common import cpu_name, time_call
 
 from lora_ext import ops
 
@@ -40,18 +39,7 @@ def _time(fns: dict, device: torch.device, repeats: int, warmup: int) -> dict[st
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+            times[name].append(time_call(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -27,12 +27,11 @@ import argparse
 import json
 import re
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import cpu_name
+from _common import cpu_name, time_call
 from torch import nn
 
 from lora_ext import ops
@@ -72,20 +71,7 @@ def bench(
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times[name].append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+            times[name].append(time_call(fn, device))
     if raw is not None:
         raw.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
