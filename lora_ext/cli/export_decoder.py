@@ -3,6 +3,7 @@
     lora-ext export --model smollm2 --adapter runs/lm/adapter --out smollm2-genai
     lora-ext export --model smollm2 --adapter runs/lm/adapter --out smollm2-int4 --int4
     lora-ext export --model smollm2 --adapter runs/lm/adapter --out smollm2-hot --hot-swap
+    lora-ext export --model path/to/gpt2 --out gpt2-genai   # our own KV-cache graph
 
 Bad input (not a decoder, an unsupported architecture, a tokenizer that does not fit the
 vocab, --int4 with --fp16, an adapter for another base, a non-empty --out without
@@ -31,7 +32,18 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=32, help="int4: weights per scale")
     g.add_argument("--asymmetric", action="store_true", help="int4: with zero points")
     g.add_argument(
-        "--int4-method", choices=["rtn", "k_quant"], default="rtn", help="int4: rounding"
+        "--int4-method",
+        choices=["rtn", "k_quant", "hqq"],
+        default="rtn",
+        help="int4: how weights are rounded: rtn (round to nearest), k_quant, or hqq "
+        "(half-quadratic; GPT-2 folders only)",
+    )
+    g.add_argument(
+        "--accuracy-level",
+        type=int,
+        choices=[0, 1, 2, 3, 4],
+        default=4,
+        help="int4: MatMulNBits compute type on the CPU (4: int8 activations, 1: fp32, 0: unset)",
     )
     g.add_argument("--lm-head-int8", action="store_true", help="int4: lm_head in int8")
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -140,6 +152,7 @@ def run_export_decoder(args: argparse.Namespace) -> int:
             symmetric=not args.asymmetric,
             int4_method=args.int4_method,
             lm_head_int8=args.lm_head_int8,
+            accuracy_level=args.accuracy_level,
             new_tokens=args.new_tokens,
             eval_texts=texts,
             verify=not args.no_verify,

@@ -33,6 +33,12 @@ What we chose and why (measured on SmolLM2-135M, 2 cores):
   the base model), keep them float over int4 weights (``nodes_to_exclude``), and write each
   adapter as an onnxruntime ``.onnx_adapter`` file that ``og.Adapters`` and our runner load.
   Verified with the adapter active against the merged model and without it against the base.
+- GPT-2 (the builder has none): our own KV-cache graph, traced with torch.onnx from a
+  flat-cache GPT-2 forward (``kv_graph.py``; concatenated cache, ``position_ids`` input),
+  with a ``genai_config.json`` of model type ``"decoder"``, onnxruntime-genai's generic
+  decoder-only model, which 0.18 runs. Same verification, int4 through the same quantizer
+  (``kv_graph.quantize_weights``; the tied LM head and the embedding stay fp32), hot-swap
+  with LoRA inputs traced into the graph.
 - int4: the builder's path to onnxruntime's ``MatMulNBitsQuantizer`` (``MatMulNBits``
   weights, block-wise, RTN by default; ``k_quant`` as an option; symmetric or not; the
   tied embedding shares the int4 lm_head through ``GatherBlockQuantized``; the last MatMul,
@@ -73,9 +79,12 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "GPT2LMHeadModel": "decoder",  # our own graph (kv_graph.py): genai's generic decoder
 }
+# architectures whose graph we trace ourselves (kv_graph.py); the builder writes the others
+OWN_GRAPH = frozenset({"GPT2LMHeadModel"})
 QUANTIZE_CHOICES = (None, "int4", "int8")
-INT4_METHODS = ("rtn", "k_quant")
+INT4_METHODS = ("rtn", "k_quant", "hqq")
 DEFAULT_PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):",
@@ -199,6 +208,13 @@ def check_decoder(model: Any, tokenizer: Any) -> tuple[str, str]:
             f"model: the architecture {name} is not supported for a genai folder; supported: "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    if name in OWN_GRAPH:
+        from .kv_graph import check_gpt2
+
+        try:
+            check_gpt2(model)
+        except ValueError as exc:
+            raise DecoderExportError(str(exc)) from None
     if tokenizer is None:
         raise DecoderExportError("tokenizer: got None, need the model's tokenizer")
     vocab = int(config.vocab_size)
@@ -303,6 +319,45 @@ def _builder_options(
     if lm_head_int8:
         opts["matmul_mixed_precision"] = "last_matmul:int8"
     return opts
+
+
+def write_own_folder(
+    model: Any,
+    tokenizer: Any,
+    folder: Path,
+    precision: str,
+    options: dict[str, str],
+    lora: dict[str, np.ndarray] | None = None,
+) -> None:
+    """A genai folder with our own KV-cache graph (kv_graph.py, GPT-2): the traced graph,
+    weight-only quantized when ``precision`` is int4/int8 (``options``: block_size,
+    is_symmetric, accuracy_level, algo_config), LoRA inputs made optional for hot-swap
+    (``lora``: decoder_adapter_tensors of the adapter, example shapes), genai_config.json and
+    the tokenizer files."""
+    from . import kv_graph
+
+    folder.mkdir()
+    onnx_path = folder / "model.onnx"
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in sorted(lora or {}):
+        module, _, which = name.partition(".lora_")
+        if which.startswith("A."):
+            pairs[module] = (lora[name], lora[f"{module}.lora_B.MatMul.weight"])  # type: ignore[index]
+    kv_graph.export_gpt2_graph(model, onnx_path, pairs)
+    if precision != "fp32":
+        kv_graph.quantize_weights(
+            onnx_path,
+            bits=4 if precision == "int4" else 8,
+            block_size=int(options["block_size"]),
+            symmetric=options["is_symmetric"] == "true",
+            method="rtn" if options["algo_config"] == "default" else options["algo_config"],
+            accuracy_level=int(options["accuracy_level"]),
+        )
+    if pairs:
+        kv_graph.lora_inputs_optional(onnx_path)
+    config = kv_graph.genai_config(model, tokenizer, onnx_path.name)
+    (folder / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n")
+    tokenizer.save_pretrained(folder)
 
 
 def run_builder(hf_dir: Path, out_dir: Path, precision: str, options: dict[str, str]) -> str:
@@ -731,6 +786,16 @@ def export_decoder(
             "builder then shares one table through GatherBlockQuantized, which is 4-bit only "
             "(it writes an invalid graph); leave lm_head in int4"
         )
+    if arch in OWN_GRAPH and lm_head_int8:
+        raise DecoderExportError(
+            f"lm_head_int8: not available for {arch} folders (our own graph keeps the LM head "
+            "and the embedding in fp32); drop it"
+        )
+    if arch not in OWN_GRAPH and int4_method == "hqq":
+        raise DecoderExportError(
+            f"int4_method: 'hqq' is available for our own graphs ({', '.join(sorted(OWN_GRAPH))}); "
+            f"{arch} goes through onnxruntime-genai's builder, which takes 'rtn' or 'k_quant'"
+        )
     target = check_output_dir(out, overwrite)
     if not merge:
         if not adapter_name.isidentifier():
@@ -747,10 +812,33 @@ def export_decoder(
     report = DecoderReport(str(target), arch, model_type, precision, merged=merge, options=options)
     from .runner import DecoderRunner
 
+    own = arch in OWN_GRAPH
     with staging_dir(target, arg="out") as tmp:
         t0 = time.perf_counter()
         base = None
-        if merge:
+        staged = tmp / "folder"
+        adapter_file = None
+        if own:
+            plain = _plain_fp32(model)
+            if merge:
+                from lora_ext.inject import lora_layers, merge_and_unload
+
+                merged = merge_and_unload(plain) if lora_layers(plain) else plain
+                say(f"tracing the KV-cache graph (torch.onnx): {precision}")
+                write_own_folder(merged, tokenizer, staged, precision, options)
+            else:
+                from lora_ext.inject import merge_and_unload
+
+                lora = decoder_adapter_tensors(model)
+                base = _base_copy(plain)
+                merged = merge_and_unload(plain)
+                say(f"tracing the KV-cache graph (torch.onnx): {precision}, LoRA as inputs")
+                write_own_folder(base, tokenizer, staged, precision, options, lora)
+                adapter_file = save_decoder_adapter(model, staged, adapter_name)
+                report.adapter_files = [adapter_file.name]
+                report.lora_inputs = len(lora)
+            t1, t2 = t0, time.perf_counter()
+        elif merge:
             say("merging the adapter on a copy and saving it (safetensors)")
             merged = _save_merged(model, tokenizer, tmp / "hf")
         else:
@@ -762,13 +850,12 @@ def export_decoder(
                 nodes = [builder_lora_node(m.replace(".attn.", ".self_attn."), w)
                          for m in sorted(modules) for w in "AB"]  # fmt: skip
                 options["nodes_to_exclude"] = ",".join(nodes)
-        t1 = time.perf_counter()
-        say(f"onnxruntime-genai builder: {precision}" + ("" if merge else ", LoRA as inputs"))
-        staged = tmp / "folder"
-        run_builder(tmp / "hf", staged, precision, options)
-        options.pop("adapter_path", None)
-        adapter_file = None
-        if not merge:
+        if not own:
+            t1 = time.perf_counter()
+            say(f"onnxruntime-genai builder: {precision}" + ("" if merge else ", LoRA as inputs"))
+            run_builder(tmp / "hf", staged, precision, options)
+            options.pop("adapter_path", None)
+        if not merge and not own:
             taken = lora_to_inputs(staged / "model.onnx")
             ours = decoder_adapter_tensors(model)
             if sorted(taken) != sorted(ours) or any(
@@ -781,7 +868,8 @@ def export_decoder(
             adapter_file = save_decoder_adapter(model, staged, adapter_name)
             report.adapter_files = [adapter_file.name]
             report.lora_inputs = len(taken)
-        t2 = time.perf_counter()
+        if not own:
+            t2 = time.perf_counter()
         report.seconds.update(save=t1 - t0, build=t2 - t1)
         if verify:
             import onnxruntime_genai as og

@@ -210,10 +210,15 @@ class DecoderRunner:
     """Generate from an onnxruntime-genai model folder with plain onnxruntime and the KV
     cache: the prompt in one run (prefill), then one token per run.
 
-    The folder's graph is the builder's (GroupQueryAttention: rotary positions and each row's
-    length come from the attention mask's row sums), so a batch of prompts is laid out
-    left-aligned: row b's tokens and cache entries sit at positions [0, n_b) and its mask
-    row has n_b leading ones (right padding).
+    Two kinds of graph, told apart by whether it takes ``position_ids``:
+    - the builder's (GroupQueryAttention: rotary positions and each row's length come from
+      the attention mask's row sums, the cache is written at each row's length): a batch of
+      prompts is laid out left-aligned, row b's tokens and cache entries at [0, n_b), its
+      mask row n_b leading ones, a new token at column n_b;
+    - ours (kv_graph, GPT-2: the cache is concatenated, every new token takes the next
+      column for all rows): the prompt is laid out the same way, and each later step adds a
+      column that the mask keeps, with ``position_ids`` counting each row's own tokens, so a
+      row's padding stays masked between its prompt and its new tokens.
 
     Args:
         folder: the model folder (genai_config.json, the .onnx file it names).
@@ -268,10 +273,11 @@ class DecoderRunner:
             self.folder / dec["filename"], providers=providers or None, threads=threads
         )
         declared = {i.name: i for i in self.session.get_inputs()}
-        if "position_ids" in declared:
+        self.positions_name: str | None = ins.get("position_ids")
+        if (self.positions_name in declared) != ("position_ids" in declared):
             raise ValueError(
-                f"folder: {self.folder.name}'s graph takes position_ids; this runner drives "
-                "GroupQueryAttention graphs (positions from the mask), as the builder writes"
+                f"folder: {self.folder.name}'s graph and genai_config.json disagree on "
+                "position_ids (the graph takes them exactly when the config names them)"
             )
         kv_type = declared[self.past_names[0][0]].type
         self.kv_dtype = np.float16 if "float16" in kv_type else np.float32
@@ -295,12 +301,25 @@ class DecoderRunner:
         )
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        past: list[np.ndarray],
+        position_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One run. input_ids [batch, seq] int64; attention_mask [batch, past + seq] int64
         (row b: n_b leading ones); past: 2 x layers arrays [batch, kv_heads, past, head_size]
-        (key, value per layer). Returns (logits [batch, seq, vocab], present, same layout)."""
+        (key, value per layer); position_ids [batch, seq] int64 for graphs that take them
+        (default: the columns past .. past + seq - 1). Returns (logits [batch, seq, vocab],
+        present, same layout)."""
         feeds = {self.ids_name: input_ids, self.mask_name: attention_mask}
+        if self.positions_name is not None:
+            if position_ids is None:
+                start = attention_mask.shape[1] - input_ids.shape[1]
+                position_ids = np.broadcast_to(
+                    np.arange(start, attention_mask.shape[1], dtype=np.int64), input_ids.shape
+                )
+            feeds[self.positions_name] = np.ascontiguousarray(position_ids, dtype=np.int64)
         for (k, v), i in zip(self.past_names, range(0, 2 * self.num_layers, 2)):
             feeds[k], feeds[v] = past[i], past[i + 1]
         out = self.session.run([self.logits_name, *self.present_names], feeds, self._run_options)
@@ -379,7 +398,8 @@ class DecoderRunner:
             ids[b, : len(r)] = r
             mask[b, : len(r)] = 1
         t0 = time.perf_counter()
-        logits, past = self.forward(ids, mask, self.empty_past(batch))
+        positions = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width))
+        logits, past = self.forward(ids, mask, self.empty_past(batch), positions)
         last = logits[np.arange(batch), lengths - 1]  # [batch, vocab]
         prefill = time.perf_counter() - t0
         tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -403,9 +423,13 @@ class DecoderRunner:
                 break
             nxt = np.where(done, self.pad_id, nxt)
             total = past[0].shape[2] + 1
+            positions = lengths[:, None]  # each row's own next position
             lengths = lengths + 1
-            mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
-            logits, past = self.forward(nxt[:, None], mask, past)
+            if self.positions_name is None:  # GQA: the token goes to column n_b
+                mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
+            else:  # concatenated cache: the token takes the next column in every row
+                mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            logits, past = self.forward(nxt[:, None], mask, past, positions)
             last = logits[:, -1]
             steps += 1
         decode = time.perf_counter() - t1

@@ -1,8 +1,9 @@
 """Causal LMs as onnxruntime-genai folders (lora_ext/export/decoder.py, runner.DecoderRunner,
 the causal-LM branch of ``lora-ext export`` and ``lora-ext infer``).
 
-Fast tests use tiny random Llama / Qwen2 models (2 layers, 64 wide) with a small word-level
-tokenizer built here; the real SmolLM2 tests are marked slow.
+Fast tests use tiny random Llama / Qwen2 / GPT-2 models (2 layers, 192 wide) with a small
+word-level tokenizer built here; the real SmolLM2 tests are marked slow. Llama and Qwen2 go
+through onnxruntime-genai's builder, GPT-2 through our own graph (kv_graph.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ _WORD_TEXT = (
 WORDS = _WORD_TEXT.split()
 PROMPTS = ("the time of day", "she said that it was", "how many people")
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # attn.c_proj and mlp.c_proj both match c_proj
 
 
 def word_tokenizer():
@@ -67,6 +69,14 @@ def tiny_decoder(arch: str, vocab: int = 128, seed: int = 0, hidden: int = 192):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
+    if arch == "gpt2":  # 6 heads of 32 (no KV-head grouping in GPT-2)
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=hidden // 32, n_positions=256,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3, initializer_range=0.08,
+        )  # fmt: skip
+        return GPT2LMHeadModel(config).eval()
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=hidden // 32, num_key_value_heads=2, max_position_embeddings=1024,
@@ -81,7 +91,8 @@ def tiny_decoder(arch: str, vocab: int = 128, seed: int = 0, hidden: int = 192):
 
 
 def with_lora(model, seed: int = 0, r: int = 4):
-    lora_ext.inject_(model, lora_ext.LoraConfig(r=r, alpha=2 * r, target_modules=TARGETS))
+    targets = GPT2_TARGETS if model.config.model_type == "gpt2" else TARGETS
+    lora_ext.inject_(model, lora_ext.LoraConfig(r=r, alpha=2 * r, target_modules=targets))
     g = torch.Generator().manual_seed(seed)
     from lora_ext.inject import lora_layers
 
@@ -98,7 +109,7 @@ def tok():
     return word_tokenizer()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
 def exported(request, tok, tmp_path_factory):
     """(arch, model with LoRA, its merged copy, report, folder) per architecture."""
     model = with_lora(tiny_decoder(request.param))
@@ -117,10 +128,13 @@ def test_folder_layout_and_config(exported):
     assert {"model.onnx", "genai_config.json", "tokenizer.json", "lora_ext.json"} <= names
     cfg = json.loads((out / "genai_config.json").read_text())["model"]
     dec = cfg["decoder"]
-    assert cfg["type"] == arch and cfg["vocab_size"] == 128
+    # GPT-2 runs as onnxruntime-genai's generic "decoder" (its "gpt2" type wants one combined
+    # past_%d tensor per layer), with position_ids and all 6 heads cached
+    assert cfg["type"] == {"gpt2": "decoder"}.get(arch, arch) and cfg["vocab_size"] == 128
     assert (cfg["eos_token_id"], cfg["bos_token_id"], cfg["pad_token_id"]) == (2, 1, 3)
     assert (dec["num_hidden_layers"], dec["num_attention_heads"]) == (2, 6)
-    assert (dec["num_key_value_heads"], dec["head_size"]) == (2, 32)
+    assert (dec["num_key_value_heads"], dec["head_size"]) == (6 if arch == "gpt2" else 2, 32)
+    assert ("position_ids" in dec["inputs"]) == (arch == "gpt2")
     assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert dec["outputs"]["present_value_names"] == "present.%d.value"
     import onnxruntime as ort
@@ -220,6 +234,14 @@ def test_int4_quality_and_size(exported, tok, tmp_path):
     # a random model is near-uniform (perplexity ~230 of 128 tokens): argmax agreement is
     # low for fp32-vs-int4 alike, the perplexity is the bound that means something here
     assert 0.0 < q.agreement <= 1.0 and q.perplexity <= 1.05 * q.perplexity_fp32
+    assert report.size_bytes < fp32.size_bytes
+    assert all(c.genai_equal for c in report.checks)
+    if arch == "gpt2":  # no builder to compare with: the graph's MatMuls are int4
+        import onnx
+
+        graph = onnx.load(str(tmp_path / "int4" / "model.onnx"), load_external_data=False).graph
+        assert [n.op_type for n in graph.node].count("MatMulNBits") == 2 * 4
+        return
     # the anchor: the builder run by hand on the same merged model
     hf = tmp_path / "hf"
     merged.save_pretrained(hf)
@@ -236,20 +258,21 @@ def test_int4_quality_and_size(exported, tok, tmp_path):
         p.stat().st_size for p in (tmp_path / "int4").iterdir() if p.suffix in (".onnx", ".data")
     )
     assert ours <= size
-    assert report.size_bytes < fp32.size_bytes
 
 
 # -- hot-swap: LoRA as graph inputs, adapters as .onnx_adapter files ---------------------
-@pytest.fixture(scope="module")
-def hot(tok, tmp_path_factory):
-    """A hot-swap fp32 folder of a tiny Qwen2 with adapter X (r=4), plus adapter Y (r=2)."""
-    x = with_lora(tiny_decoder("qwen2"), seed=1)
+@pytest.fixture(scope="module", params=["qwen2", "gpt2"])
+def hot(request, tok, tmp_path_factory):
+    """A hot-swap fp32 folder of a tiny Qwen2 (the builder's graph) or GPT-2 (ours) with
+    adapter X (r=4), plus adapter Y (r=2): (arch, X, Y, report, folder)."""
+    arch = request.param
+    x = with_lora(tiny_decoder(arch), seed=1)
     out = tmp_path_factory.mktemp("hot") / "genai"
     report = export_decoder(x, out, tokenizer=tok, merge=False, adapter_name="x",
                             prompts=PROMPTS[:2], new_tokens=16)  # fmt: skip
-    y = with_lora(tiny_decoder("qwen2"), seed=2, r=2)
+    y = with_lora(tiny_decoder(arch), seed=2, r=2)
     D.save_decoder_adapter(y, out, "y")
-    return x, y, report, out
+    return arch, x, y, report, out
 
 
 def _merged(model):
@@ -259,12 +282,17 @@ def _merged(model):
 
 
 def test_hot_swap_folder_verified(hot):
-    _, _, report, out = hot
+    arch, _, _, report, out = hot
     assert not report.merged and report.adapter_files == ["x.onnx_adapter"]
-    assert report.lora_inputs == 2 * 2 * len(TARGETS)  # A and B, 2 layers
+    adapted = 4  # per layer: q, v, o, down / c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert report.lora_inputs == 2 * 2 * adapted  # A and B, 2 layers
     assert all(c.equal and c.genai_equal for c in report.checks + report.base_checks)
     assert report.base_checks and report.max_rel_logits <= 1e-4
     shapes = D.graph_lora_inputs(out / "model.onnx")
+    if arch == "gpt2":
+        assert shapes["transformer.h.0.attn.c_attn.lora_A.MatMul.weight"] == (192, "lora_r")
+        assert shapes["transformer.h.1.mlp.c_fc.lora_B.MatMul.weight"] == ("lora_r", 768)
+        return
     assert shapes["model.layers.0.attn.q_proj.lora_A.MatMul.weight"] == (192, "lora_r")
     assert shapes["model.layers.1.mlp.down_proj.lora_B.MatMul.weight"] == ("lora_r", 192)
 
@@ -272,12 +300,12 @@ def test_hot_swap_folder_verified(hot):
 def test_hot_swap_each_adapter_equals_its_merged_model(hot, tok):
     """Our runner and onnxruntime-genai (og.Adapters), switching X -> Y -> none on one base,
     generate what PyTorch generates on the merged X, merged Y and the base."""
-    x, y, _, out = hot
+    arch, x, y, _, out = hot
     ids = tok(PROMPTS[2])["input_ids"]
     want = {
         "x": D.torch_greedy(_merged(x), ids, 16)[0],
         "y": D.torch_greedy(_merged(y), ids, 16)[0],
-        None: D.torch_greedy(tiny_decoder("qwen2"), ids, 16)[0],
+        None: D.torch_greedy(tiny_decoder(arch), ids, 16)[0],
     }
     assert want["x"] != want["y"] != want[None]  # the adapters do change the output
     runner = DecoderRunner(out)
@@ -308,15 +336,17 @@ def test_hot_swap_int4_keeps_adapters_float(tok, tmp_path):
 
 
 def test_hot_swap_adapter_for_another_base(hot, tok, tmp_path):
-    _, _, _, out = hot
-    other = with_lora(tiny_decoder("qwen2", hidden=128))
+    arch, _, _, _, out = hot
+    other = with_lora(tiny_decoder(arch, hidden=128))
     with pytest.raises(DecoderExportError, match="another base"):
         D.save_decoder_adapter(other, out, "other")
     assert not (out / "other.onnx_adapter").exists()
     from lora_ext.export.adapters import write_adapter_file
 
+    name = next(iter(D.graph_lora_inputs(out / "model.onnx")))
+    assert ".lora_A." in name
     bad = tmp_path / "bad.onnx_adapter"
-    write_adapter_file({"model.layers.0.attn.q_proj.lora_A.MatMul.weight": np.zeros((128, 2))}, bad)
+    write_adapter_file({name: np.zeros((128, 2))}, bad)
     with pytest.raises(ValueError, match=r"has shape \[128, 2\], the model needs"):
         DecoderRunner(out, adapter=bad)
 
@@ -329,10 +359,18 @@ def test_not_a_decoder_and_unsupported(tok, tmp_path):
                                                     num_attention_heads=2, intermediate_size=64))  # fmt: skip
     with pytest.raises(DecoderExportError, match="BertForSequenceClassification.*causal LM"):
         export_decoder(bert, tmp_path / "a", tokenizer=tok)
+    from transformers import OPTConfig, OPTForCausalLM
+
     from lora_ext.training import models
 
-    with pytest.raises(DecoderExportError, match="GPT2LMHeadModel is not supported"):
-        export_decoder(models.tiny_gpt2(), tmp_path / "b", tokenizer=tok)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=16, num_hidden_layers=1,
+                                   ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))  # fmt: skip
+    with pytest.raises(DecoderExportError, match="OPTForCausalLM is not supported"):
+        export_decoder(opt, tmp_path / "b", tokenizer=tok)
+    gpt2 = models.tiny_gpt2()
+    gpt2.config.add_cross_attention = True
+    with pytest.raises(DecoderExportError, match="cross-attention"):
+        export_decoder(gpt2, tmp_path / "c", tokenizer=tok)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -410,6 +448,30 @@ def test_cli_hot_swap_then_infer_with_the_adapter(llama_dir, tmp_path, capsys):
     ids = word_tokenizer()("the time")["input_ids"]
     want = D.torch_greedy(_merged(x), ids, 6)[0]
     assert printed == "the time" + word_tokenizer().decode(want, skip_special_tokens=True)
+
+
+def test_cli_gpt2_int4_then_infer(tok, tmp_path, capsys):
+    """A GPT-2 directory through the CLI: our own graph, int4 (HQQ), read back by infer."""
+    from lora_ext.cli import main
+
+    src = tmp_path / "gpt2"
+    tiny_decoder("gpt2").save_pretrained(src)
+    tok.save_pretrained(src)
+    data = tmp_path / "held_out.txt"
+    data.write_text("\n\n".join(" ".join(WORDS[i : i + 20]) for i in range(0, 100, 5)) + "\n")
+    out = tmp_path / "genai"
+    code = main(["export", "--model", str(src), "--out", str(out), "--int4", "--int4-method",
+                 "hqq", "--new-tokens", "8", "--eval-data", str(data)])  # fmt: skip
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert code == 0, captured.err
+    assert "int4" in printed and "next-token agreement" in printed
+    saved = json.loads((out / "lora_ext.json").read_text())
+    assert saved["options"]["algo_config"] == "hqq" and saved["model_type"] == "decoder"
+    assert main(["infer", "--onnx", str(out), "--max-new-tokens", "4", "--no-stream",
+                 "the time"]) == 0  # fmt: skip
+    want = DecoderRunner(out, word_tokenizer()).generate(["the time"], max_new_tokens=4).texts
+    assert capsys.readouterr().out.strip() == "the time" + want[0]
 
 
 @pytest.mark.parametrize(
