@@ -47,6 +47,16 @@ TORCH_LIBRARY(lora_ext, m) {
   // that shape, for flat indices offset .. offset + like.numel() - 1: for tests (including
   // indices past 2^32 without a 4 GB tensor) and for checking CPU/GPU agreement.
   m.def("dropout_mask(Tensor like, Tensor seed, float dropout_p, int offset=0) -> Tensor");
+  // DoRA (csrc/dora.h): row norms n [out] of W + scale * B A (float32; float64 for a float64
+  // weight) without materialising it; W <- factor * (W + scale B A) per row (inverse: W <-
+  // W / factor - scale B A), rounded once; and the finiteness check of that update.
+  m.def("dora_norm(Tensor weight, Tensor lora_a, Tensor lora_b, float scale) -> Tensor");
+  m.def(
+      "dora_merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale, Tensor factor, "
+      "bool inverse) -> ()");
+  m.def(
+      "dora_merge_check(Tensor weight, Tensor lora_a, Tensor lora_b, float scale, Tensor factor, "
+      "bool inverse) -> Tensor");
 }
 
 namespace lora_ext {

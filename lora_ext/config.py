@@ -51,7 +51,6 @@ _INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "gaussian": "gaussian", "pissa
 # PEFT LoraConfig fields whose non-default values would change what the adapter computes in
 # ways lora_ext does not implement: refuse them instead of loading something different.
 _PEFT_UNSUPPORTED: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "layers_to_transform": None,
     "layers_pattern": None,
@@ -240,6 +239,9 @@ class LoraConfig:
             (``*ForSequenceClassification``) its task head, ``classifier`` or ``score``, a
             freshly initialised layer that has to learn, is trained and saved; on other
             models nothing. ``[]``: none (the head stays frozen, as the base model).
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): each adapted layer
+            also trains a magnitude vector m [out]; y = (m / ||W + sBA||_row) (x W^T +
+            s drop(x) A^T B^T) + b (see ``lora_ext.dora``).
 
     Regexes (a target_modules / exclude_modules string, rank_pattern and alpha_pattern
     keys) are parsed as Python's ``re`` does (PEFT's semantics) and matched without
@@ -257,6 +259,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if not _positive_int(self.r):
@@ -278,6 +281,8 @@ class LoraConfig:
             raise ValueError(f"bias: got {_short(self.bias)}, need one of {BIASES}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora: got {_short(self.use_rslora)}, need True or False")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora: got {_short(self.use_dora)}, need True or False")
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
             if value is None:
@@ -366,7 +371,7 @@ class LoraConfig:
             "fan_in_fan_out": fan_in_fan_out,
             "inference_mode": True,
             "modules_to_save": self.modules_to_save or None,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "lora_bias": False,
             "layers_to_transform": None,
             "layers_pattern": None,
@@ -379,7 +384,7 @@ class LoraConfig:
         """Build a config from PEFT's ``adapter_config.json`` content.
 
         Raises ValueError for adapters that are not LoRA or use features lora_ext does not
-        implement (DoRA, layers_to_transform, ...), and for values of the wrong type or
+        implement (lora_bias, layers_to_transform, ...), and for values of the wrong type or
         range, naming the field: nothing is coerced (``r: 4.9`` is refused, not read as 4).
         A missing field takes PEFT's default. ``modules_to_save: null`` means none.
         """
@@ -423,11 +428,14 @@ class LoraConfig:
             "alpha_pattern": data.get("alpha_pattern"),
             "exclude_modules": data.get("exclude_modules"),
             "modules_to_save": data.get("modules_to_save") or [],
+            "use_dora": data.get("use_dora", False),
         }
         if fields["dropout"] is None:  # PEFT writes null for "no dropout" in old files
             fields["dropout"] = 0.0
         if fields["use_rslora"] is None:
             fields["use_rslora"] = False
+        if fields["use_dora"] is None:
+            fields["use_dora"] = False
         try:
             return cls(**fields)
         except ValueError as exc:  # name the field as the file spells it

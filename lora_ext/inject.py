@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_ext import dora
 from lora_ext.config import (
     FLOAT32_MAX,
     LoraConfig,
@@ -400,6 +401,7 @@ def _inject(
                 dropout=config.dropout,
                 use_rslora=config.use_rslora,
                 init=init,
+                use_dora=config.use_dora,
             )
         configs = dict(existing)
         configs[adapter_name] = config
@@ -431,14 +433,17 @@ def _apply_active(model: nn.Module, names: list[str]) -> None:
     layers = lora_layers(model)
     for _, layer in layers:
         layer.set_adapter(names)
-    lora_ids = {
-        id(p) for _, layer in layers for d in (layer.lora_A, layer.lora_B) for p in d.values()
-    }
+    lora_ids = {id(p) for _, layer in layers for d in _lora_tables(layer) for p in d.values()}
     train_ids = {id(p) for _, p in _trained_biases(model)}
     train_ids |= {id(p) for p in _saved_module_params(model)}
     for param in model.parameters():
         if id(param) not in lora_ids:  # LoRA tensors: set by layer.set_adapter
             param.requires_grad_(id(param) in train_ids)
+
+
+def _lora_tables(layer: LoraLinear) -> tuple[nn.ParameterDict, ...]:
+    """A layer's per-adapter parameter tables: A, B and the DoRA magnitude vectors."""
+    return (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector)
 
 
 def _saved_module_params(model: nn.Module) -> list[nn.Parameter]:
@@ -474,6 +479,7 @@ def _trained_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         for n, p in model.named_parameters()
         if ".lora_A." not in n
         and ".lora_B." not in n
+        and ".lora_magnitude_vector." not in n
         and (("all" in modes and "bias" in n) or ("lora_only" in modes and n in adapted))
     ]
 
@@ -498,6 +504,7 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> nn.Module:
             )
     if len(set(names)) != len(names):
         raise ValueError(f"adapter_name: got duplicates in {names}")
+    dora.check_alone(names, [n for n in names if configs[n].use_dora], "set_adapter")
     if any(layer.merged for _, layer in lora_layers(model)):
         warnings.warn("set_adapter: the model is merged; unmerging it first", stacklevel=2)
         unmerge_(model)
@@ -551,7 +558,7 @@ def _drop_bookkeeping(model: nn.Module) -> None:
 # -- parameters ----------------------------------------------------------------------------
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The tensors training updates: lora_A and lora_B of the active adapters, in module
-    order, plus the biases their config trains (``bias="all"/"lora_only"``) and the
+    order, their DoRA magnitude vectors (``use_dora``), plus the biases their config trains (``bias="all"/"lora_only"``) and the
     parameters of their ``modules_to_save`` (e.g. a sequence classifier's head).
 
     Right after inject_ / set_adapter this is exactly the set of parameters with
@@ -559,13 +566,20 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """
     _require_adapters(model, "lora_parameters")
     groups = _split_params(model)
-    return groups["lora_A"] + groups["lora_B"] + groups["bias"] + groups["modules_to_save"]
+    return (
+        groups["lora_A"]
+        + groups["lora_B"]
+        + groups["lora_magnitude"]
+        + groups["bias"]
+        + groups["modules_to_save"]
+    )
 
 
 def _split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     out: dict[str, list[nn.Parameter]] = {
         "lora_A": [],
         "lora_B": [],
+        "lora_magnitude": [],
         "bias": [],
         "modules_to_save": [],
     }
@@ -574,7 +588,9 @@ def _split_params(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         for name in layer.active_adapters:
             out["lora_A"].append(layer.lora_A[name])
             out["lora_B"].append(layer.lora_B[name])
-        lora_ids.update(id(p) for d in (layer.lora_A, layer.lora_B) for p in d.values())
+            if name in layer.lora_magnitude_vector:
+                out["lora_magnitude"].append(layer.lora_magnitude_vector[name])
+        lora_ids.update(id(p) for d in _lora_tables(layer) for p in d.values())
     out["bias"] = [p for _, p in _trained_biases(model) if id(p) not in lora_ids]
     bias_ids = {id(p) for p in out["bias"]}
     out["modules_to_save"] = [
@@ -590,7 +606,10 @@ def lora_param_groups(
     faster than A.
 
     Returns: [{"name": "lora_A", "params": [...], "lr": lr, "weight_decay": weight_decay},
-    {"name": "lora_B", ..., "lr": lr * lr_ratio}, {"name": "bias", ..., "lr": lr,
+    {"name": "lora_B", ..., "lr": lr * lr_ratio}, {"name": "lora_magnitude", ..., "lr": lr,
+    "weight_decay": 0.0} for DoRA magnitude vectors (trained at A's rate, as in the DoRA
+    paper, and never decayed: decay would shrink the layer's output; PEFT's LoRA+ puts 1-D
+    tensors with B instead), {"name": "bias", ..., "lr": lr,
     "weight_decay": 0.0} when biases train, and {"name": "modules_to_save", ..., "lr": lr,
     "weight_decay": weight_decay} when whole modules train (a sequence classifier's head)].
     Pass it to any torch optimizer.
@@ -608,6 +627,12 @@ def lora_param_groups(
             "params": split["lora_B"],
             "lr": lr * lr_ratio,
             "weight_decay": weight_decay,
+        },
+        {
+            "name": "lora_magnitude",
+            "params": split["lora_magnitude"],
+            "lr": lr,
+            "weight_decay": 0.0,
         },
         {"name": "bias", "params": split["bias"], "lr": lr, "weight_decay": 0.0},
         {
@@ -638,6 +663,10 @@ def merge_(model: nn.Module, safe: bool = False) -> nn.Module:
 
 def _merge(model: nn.Module, safe: bool, warn: bool) -> None:
     layers = lora_layers(model)
+    for name, layer in layers:  # a DoRA adapter merges alone: checked on every layer first
+        both = [*layer.merged_adapters, *layer.active_adapters]
+        both = list(dict.fromkeys(both))
+        dora.check_alone(both, [a for a in both if dora.is_dora(layer, a)], f"merge of {name!r}")
     if safe:
         # every layer is checked before any is merged: a refusal leaves the model untouched
         for name, layer in layers:

@@ -9,6 +9,12 @@ adapter trains them, under their module path). Both directions work: adapters sa
 
 Pickle files (``adapter_model.bin``, ``.pt``) are refused: unpickling runs arbitrary code.
 
+DoRA adapters (``use_dora: true``) add each layer's magnitude vector m [out] under
+``base_model.model.<module path>.lora_magnitude_vector``, the key PEFT 0.21 writes (the
+``...lora_magnitude_vector.weight`` spelling of other PEFT versions loads too). A magnitude
+vector in a file whose config says ``use_dora: false``, or a DoRA config without them, is
+refused naming the key.
+
 PiSSA adapters are saved with ``init_lora_weights="pissa"``; as in PEFT, loading one onto the
 original base model recomputes the SVD residual of W and then loads A and B.
 
@@ -57,6 +63,9 @@ MAX_CONFIG_BYTES = 1 << 20  # PEFT's adapter_config.json is a few KB
 # so an update that can scale inputs of magnitude 1e3 past that yields NaN logits. Real
 # adapters sit below 1e4 (trained: ~1e2; PiSSA: ~1e4); 3e38 in lora_B is far above.
 MAX_ADAPTER_GAIN = 1e16
+MAGNITUDE = (
+    "lora_magnitude_vector"  # DoRA's m [out] in PEFT's files: <module>.lora_magnitude_vector
+)
 
 
 def _pickle_error(path: Path) -> ValueError:
@@ -235,6 +244,10 @@ def save_adapter(
     for module_name, layer in layers:
         tensors[f"{PREFIX}{module_name}.lora_A.weight"] = layer.lora_A[name].detach()
         tensors[f"{PREFIX}{module_name}.lora_B.weight"] = layer.lora_B[name].detach()
+        if name in layer.lora_magnitude_vector:
+            tensors[f"{PREFIX}{module_name}.{MAGNITUDE}"] = layer.lora_magnitude_vector[
+                name
+            ].detach()
     params = dict(model.named_parameters())
     for bias_name in _bias_names(model, config, [n for n, _ in layers]):
         tensors[PREFIX + bias_name] = params[bias_name].detach()
@@ -343,6 +356,8 @@ def load_adapter(
             weight = weight.t()
         expected[f"{module_name}.lora_A.weight"] = (r, in_f)
         expected[f"{module_name}.lora_B.weight"] = (out_f, r)
+        if config.use_dora:
+            expected[f"{module_name}.{MAGNITUDE}"] = (out_f,)
         weights[module_name] = weight
         if not isinstance(module, LoraLinear):
             wrapped.add(module_name)
@@ -363,6 +378,12 @@ def load_adapter(
                 )
         elif name in expected:
             need = expected[name]
+        elif name.endswith(f".{MAGNITUDE}") and not config.use_dora:
+            raise ValueError(
+                f"{weights_path.name}: key {key!r} is a DoRA magnitude vector, but "
+                f"{CONFIG_NAME} has use_dora=false: a DoRA adapter needs use_dora=true (and "
+                "a LoRA adapter has no magnitude vectors)"
+            )
         elif "bias" in name.rsplit(".", 1)[-1] and name in post_params and config.bias != "none":
             target = post_params[name]
             need = tuple(target.shape)
@@ -391,6 +412,8 @@ def load_adapter(
             into: dict[str, torch.Tensor | None] = {}  # tensor name -> model tensor it sets
             for key in sorted(f.keys()):
                 name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+                if name.endswith(f".{MAGNITUDE}.weight"):  # older PEFT spelling
+                    name = name[: -len(".weight")]
                 if name in into:
                     raise ValueError(
                         f"{weights_path.name}: key {key!r} names the same tensor as another key"
@@ -400,9 +423,15 @@ def load_adapter(
                 names[key] = name
             missing = [n for n in expected if n not in into]
             if missing:
+                dora_hint = (
+                    f"; {CONFIG_NAME} has use_dora=true, which needs a DoRA magnitude vector "
+                    "per adapted layer"
+                    if missing[0].endswith(f".{MAGNITUDE}")
+                    else ""
+                )
                 raise ValueError(
                     f"{weights_path.name}: missing key {PREFIX + missing[0]!r} ({len(missing)} "
-                    f"missing of {len(expected)} LoRA tensors the config selects)"
+                    f"missing of {len(expected)} LoRA tensors the config selects{dora_hint})"
                 )
             missing = [n for n in module_tensors if n not in into]
             if missing:
@@ -430,14 +459,13 @@ def load_adapter(
         for module_name, _, r, alpha in plan.targets:
             a = loaded[f"{module_name}.lora_A.weight"]
             b = loaded[f"{module_name}.lora_B.weight"]
-            _check_update(
-                weights_path.name,
-                module_name,
-                weights[module_name],
-                a,
-                b,
-                scale_of(alpha, r, config.use_rslora),
-            )
+            scale = scale_of(alpha, r, config.use_rslora)
+            _check_update(weights_path.name, module_name, weights[module_name], a, b, scale)
+            if config.use_dora:
+                magnitude = loaded[f"{module_name}.{MAGNITUDE}"]
+                _check_dora(
+                    weights_path.name, module_name, weights[module_name], a, b, scale, magnitude
+                )
 
     # everything fits: now change the model (rolled back if anything fails on the way).
     # PiSSA residualises W exactly as PEFT does on load; otherwise A and B start at zero
@@ -453,6 +481,8 @@ def load_adapter(
                 module_name, _, leaf = name.rpartition(".")
                 if name in module_tensors:  # the live tensor of the (unwrapped) saved module
                     module_tensors[name].copy_(tensor)
+                elif leaf == MAGNITUDE:
+                    layers[module_name].lora_magnitude_vector[adapter_name].copy_(tensor)
                 elif leaf == "weight" and module_name.endswith((".lora_A", ".lora_B")):
                     layer_name, _, which = module_name.rpartition(".")
                     table = getattr(layers[layer_name], which)
@@ -509,6 +539,33 @@ def _check_update(
                 f"{file}: the update of {name!r} would overflow its float16 weight "
                 f"(max {torch.finfo(torch.float16).max:.0f})"
             )
+
+
+def _check_dora(
+    file: str,
+    name: str,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor,
+) -> None:
+    """DoRA's row scaling m / ||W + sBA|| must be finite and at most MAX_ADAPTER_GAIN (a zero
+    row norm, or a magnitude far beyond the weight's, would blow the layer's output up)."""
+    if weight.is_meta:
+        return
+    device = weight.device
+    norm = ops.dora_norm(
+        weight.detach(), a.to(device, torch.float32), b.to(device, torch.float32), scale
+    )
+    factor = magnitude.to(device, norm.dtype).abs() / norm
+    worst = float(factor.max()) if factor.numel() else 0.0
+    if not worst <= MAX_ADAPTER_GAIN:
+        raise ValueError(
+            f"{file}: key {PREFIX}{name}.{MAGNITUDE}: DoRA's row scaling m / ||W + sBA|| reaches "
+            f"{worst:.3g} (more than {MAX_ADAPTER_GAIN:.0e}, or a zero row norm); the layer's "
+            "output would overflow"
+        )
 
 
 def _post_name(param_name: str, wrapped: set[str]) -> str:

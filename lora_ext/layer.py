@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lora_ext import ops
+from lora_ext import dora, ops
 
 
 def _conv1d_class() -> type | None:
@@ -55,6 +55,10 @@ class LoraLinear(nn.Module):
     B = cat(s_i * B_i) [out, sum r_i], scale 1 — exactly sum_i s_i B_i A_i x. The dropout mask
     is then shared by the stacked adapters (one mask on x), so in train mode with dropout
     they must use the same dropout rate.
+
+    A DoRA adapter (``add_adapter(..., use_dora=True)``, see ``lora_ext.dora``) adds a trained
+    magnitude vector m [out]: y = (m / ||W + sBA||_row) * (x W^T + s (drop(x) A^T) B^T) + b.
+    It runs and merges alone (not together with other adapters on the layer).
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -83,6 +87,10 @@ class LoraLinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
+        # DoRA (lora_ext/dora.py): magnitude vectors m [out] of the use_dora adapters, and the
+        # row norms cached when one is merged (unmerge needs them)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_norms: dict[str, torch.Tensor] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         # the op gives no gradient to the base weight: it is frozen here, as PEFT's model does
@@ -120,6 +128,7 @@ class LoraLinear(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         init: str | None = "kaiming",
+        use_dora: bool = False,
     ) -> None:
         """Create adapter ``adapter_name``: A [r, in], B [out, r] on the base weight's device,
         in its dtype (float32 over a float16/bfloat16 base, as PEFT), scale alpha / r
@@ -128,6 +137,9 @@ class LoraLinear(nn.Module):
         init "kaiming" / "gaussian" leave the layer's output unchanged (B = 0); "pissa" sets
         A, B from the top-r SVD of W and replaces W by W - scale * B A (also unchanged);
         None leaves A = B = 0 without drawing random numbers (for tensors loaded next).
+
+        use_dora: also a DoRA magnitude vector m [out] = ||W + s B A||_row (in A's dtype), set
+        after A, B (and PiSSA's residual W): see ``lora_ext.dora``.
         """
         check_adapter_name(adapter_name)
         if adapter_name in self.lora_A:
@@ -169,6 +181,8 @@ class LoraLinear(nn.Module):
         self.scaling[adapter_name] = scale
         self.dropout[adapter_name] = float(dropout)
         self.use_rslora[adapter_name] = bool(use_rslora)
+        if use_dora:
+            dora.add_magnitude(self, adapter_name)
 
     def _pissa_init(self, lora_a: torch.Tensor, lora_b: torch.Tensor, r: int, scale: float) -> None:
         # PEFT's pissa_init: W = U S Vh; A = sqrt(S_r / s) Vh_r, B = U_r sqrt(S_r / s), so
@@ -193,6 +207,7 @@ class LoraLinear(nn.Module):
         del self.lora_B[adapter_name]
         for table in (self.r, self.alpha, self.scaling, self.dropout, self.use_rslora):
             del table[adapter_name]
+        dora.drop(self, adapter_name)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
@@ -204,6 +219,8 @@ class LoraLinear(nn.Module):
             trainable = name in self.active_adapters
             self.lora_A[name].requires_grad_(trainable)
             self.lora_B[name].requires_grad_(trainable)
+            if name in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[name].requires_grad_(trainable)
 
     # -- math ----------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -244,6 +261,8 @@ class LoraLinear(nn.Module):
         if not names:
             return None
         with torch.no_grad():
+            if len(names) == 1 and dora.is_dora(self, names[0]):
+                return dora.merge_problem(self, names[0])
             a, b = self.stack_adapters(names, dtype=torch.float32)
             if ops.merge_is_safe(self.base_weight().detach(), a, b, 1.0):
                 return None
@@ -272,6 +291,8 @@ class LoraLinear(nn.Module):
         pending = self.pending_adapters()
         if not pending:
             return self.base_layer(x)
+        # DoRA: the op's output without bias is scaled per row by m / ||W + sBA|| (dora.py)
+        factor = dora.forward_factor(self, pending)
         lora_a, lora_b, scale, dropout_p = self._op_adapters(pending)
         weight = self.base_weight()
         # the op computes in one dtype: under torch.autocast the op's autocast kernel casts
@@ -285,7 +306,7 @@ class LoraLinear(nn.Module):
         bias = self.base_layer.bias
         # The op gives no gradient to bias (frozen by contract); a bias trained with
         # bias="all"/"lora_only" is added outside the op so that it gets one.
-        bias_in_op = bias if bias is None or not bias.requires_grad else None
+        bias_in_op = bias if factor is None and (bias is None or not bias.requires_grad) else None
         y = ops.lora_linear(
             x,
             weight,
@@ -295,6 +316,8 @@ class LoraLinear(nn.Module):
             scale,
             dropout_p=dropout_p if self.training else 0.0,
         )
+        if factor is not None:
+            y = y * factor.to(y.dtype)
         if bias is not None and bias_in_op is None:
             y = y + bias
         return y
@@ -316,6 +339,8 @@ class LoraLinear(nn.Module):
                 raise KeyError(f"adapter_names: {name!r} is not on this layer")
         skipped = [n for n in names if n in self.merged_adapters]
         todo = [n for n in names if n not in self.merged_adapters]
+        both = [*self.merged_adapters, *todo]
+        dora.check_alone(both, [n for n in both if dora.is_dora(self, n)], "merge")
         if safe:
             # all adapters are checked before any is merged, so a failure leaves W untouched
             problem = self.merge_problem(todo)
@@ -324,6 +349,10 @@ class LoraLinear(nn.Module):
         with torch.no_grad():
             weight = self.base_weight()
             for name in todo:
+                if dora.is_dora(self, name):
+                    dora.merge(self, name)
+                    self.merged_adapters.append(name)
+                    continue
                 # detached: a merge is never part of a graph
                 ops.merge_(
                     weight,
@@ -344,6 +373,10 @@ class LoraLinear(nn.Module):
             weight = self.base_weight()
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
+                if dora.is_dora(self, name):
+                    dora.unmerge(self, name)
+                    done.append(name)
+                    continue
                 ops.merge_(
                     weight,
                     self.lora_A[name].detach(),
@@ -356,7 +389,7 @@ class LoraLinear(nn.Module):
     def extra_repr(self) -> str:
         adapters = ", ".join(
             f"{n}(r={self.r[n]}, alpha={self.alpha[n]:g}, scale={self.scaling[n]:.4g}, "
-            f"dropout={self.dropout[n]:g})"
+            f"dropout={self.dropout[n]:g}{', dora' if dora.is_dora(self, n) else ''})"
             for n in self.lora_A
         )
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"

@@ -26,6 +26,9 @@ __all__ = [
     "build_info",
     "cuda_kernel_variants",
     "cuda_kernels",
+    "dora_merge_",
+    "dora_merge_is_safe",
+    "dora_norm",
     "dropout_mask",
     "load_library",
     "lora_linear",
@@ -234,6 +237,70 @@ def merge_is_safe(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) 
         return bool(_ops.merge_check.default(weight, lora_a, lora_b, float(scale)))
 
 
+def dora_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """DoRA's row norms ``n_i = ||W_i + scale * B_i A||_2`` over the input dim, in tiles of
+    rows (``W + s B A`` is never materialised), accumulated in float32.
+
+    Args:
+        weight: [out, in] (any strides: ``conv.weight.t()`` for a GPT-2 Conv1D).
+        lora_a: [r, in]. lora_b: [out, r]. Their dtype may differ from weight's.
+        scale: finite scaling factor.
+
+    Returns:
+        n: [out] float32 (float64 for a float64 weight), no autograd graph (DoRA detaches it).
+    """
+    _check_scale_p(scale, 0.0)
+    load_library()
+    with torch.no_grad():
+        return _ops.dora_norm.default(weight, lora_a, lora_b, float(scale))
+
+
+def dora_merge_(
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    factor: Tensor,
+    inverse: bool = False,
+) -> Tensor:
+    """In place, per output row i: ``W_i <- factor_i * (W_i + scale * B_i A)`` (DoRA's merge,
+    factor = m / n), or with ``inverse`` ``W_i <- W_i / factor_i - scale * B_i A`` (unmerge);
+    computed in float32 and rounded once into W's dtype, in tiles (no weight-sized temporary).
+
+    Args:
+        weight: [out, in] (any strides). lora_a: [r, in]. lora_b: [out, r].
+        scale: finite. factor: [out] floating.
+
+    Returns:
+        weight (the same tensor, updated).
+    """
+    _check_scale_p(scale, 0.0)
+    load_library()
+    with torch.no_grad():
+        _ops.dora_merge_.default(weight, lora_a, lora_b, float(scale), factor, bool(inverse))
+    return weight
+
+
+def dora_merge_is_safe(
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    factor: Tensor,
+    inverse: bool = False,
+) -> bool:
+    """Whether ``dora_merge_`` with these arguments has a finite delta and finite factors and
+    keeps every finite weight finite in its dtype; reads, writes nothing (same tiles)."""
+    _check_scale_p(scale, 0.0)
+    load_library()
+    with torch.no_grad():
+        return bool(
+            _ops.dora_merge_check.default(
+                weight, lora_a, lora_b, float(scale), factor, bool(inverse)
+            )
+        )
+
+
 def dropout_mask(like: Tensor, seed: int | Tensor, dropout_p: float, offset: int = 0) -> Tensor:
     """The keep-mask (True = kept) lora_linear uses for an x of ``like``'s shape.
 
@@ -329,6 +396,22 @@ def _merge_check_fake(weight, lora_a, lora_b, scale):
     return weight.new_empty((), dtype=torch.bool)
 
 
+def _dora_norm_fake(weight, lora_a, lora_b, scale):
+    _check_devices("weight", weight, lora_a=lora_a, lora_b=lora_b)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return weight.new_empty((weight.shape[0],), dtype=acc)
+
+
+def _dora_merge_fake(weight, lora_a, lora_b, scale, factor, inverse):
+    _check_devices("weight", weight, lora_a=lora_a, lora_b=lora_b, factor=factor)
+    return None
+
+
+def _dora_merge_check_fake(weight, lora_a, lora_b, scale, factor, inverse):
+    _check_devices("weight", weight, lora_a=lora_a, lora_b=lora_b, factor=factor)
+    return weight.new_empty((), dtype=torch.bool)
+
+
 def _dropout_mask_fake(like, seed, dropout_p, offset=0):
     return like.new_empty(like.shape, dtype=torch.bool)
 
@@ -339,6 +422,9 @@ def _register_fakes() -> None:
     torch.library.register_fake("lora_ext::merge_")(_merge_fake)
     torch.library.register_fake("lora_ext::merge_check")(_merge_check_fake)
     torch.library.register_fake("lora_ext::dropout_mask")(_dropout_mask_fake)
+    torch.library.register_fake("lora_ext::dora_norm")(_dora_norm_fake)
+    torch.library.register_fake("lora_ext::dora_merge_")(_dora_merge_fake)
+    torch.library.register_fake("lora_ext::dora_merge_check")(_dora_merge_check_fake)
 
 
 # ---------------------------------------------------------------------------------------------

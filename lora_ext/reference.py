@@ -14,7 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dropout_mask", "error_bound", "keep_threshold", "lora_linear", "merge", "merge_naive"]
+__all__ = [
+    "dora_merge",
+    "dora_norm",
+    "dropout_mask",
+    "error_bound",
+    "keep_threshold",
+    "lora_linear",
+    "merge",
+    "merge_naive",
+]
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -108,6 +117,20 @@ def merge(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tenso
 def merge_naive(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
     """What plain PyTorch does in weight's dtype (the PEFT way): ``weight + scale * (B @ A)``."""
     return weight + scale * (lora_b.to(weight.dtype) @ lora_a.to(weight.dtype))
+
+
+def dora_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """||W + scale B A|| per output row [out], materialised in float64 (the oracle)."""
+    v = weight.double() + scale * (lora_b.double() @ lora_a.double())
+    return torch.linalg.vector_norm(v, dim=1)
+
+
+def dora_merge(
+    weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, magnitude: Tensor
+) -> Tensor:
+    """DoRA's merged weight m / ||W + sBA|| * (W + sBA) [out, in], in float64."""
+    v = weight.double() + scale * (lora_b.double() @ lora_a.double())
+    return (magnitude.double() / torch.linalg.vector_norm(v, dim=1))[:, None] * v
 
 
 def error_bound(ours: Tensor, same_dtype: Tensor, exact: Tensor) -> tuple[float, float]:
