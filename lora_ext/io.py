@@ -444,7 +444,8 @@ def load_adapter(
                 tensor = f.get_tensor(key)
                 target = into[name]
                 if target is None:  # the forward casts A and B to the base weight's dtype
-                    dtype = weights[name.rsplit(".", 2)[0]].dtype
+                    layer = name.rsplit(".", 1 if name.endswith(MAGNITUDE) else 2)[0]
+                    dtype = weights[layer].dtype
                 else:
                     dtype = target.dtype
                 _check_values(weights_path.name, key, tensor, dtype)

@@ -131,6 +131,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     g.add_argument(
+        "--dora",
+        action="store_true",
+        help="DoRA: also train a magnitude vector per adapted layer, y = m/||W + sBA|| * "
+        "(x W^T + s drop(x) A^T B^T) + b (PEFT's use_dora; saved in PEFT's format)",
+    )
+    g.add_argument(
         "--init",
         default=d.init,
         choices=["kaiming", "gaussian", "pissa"],

@@ -42,6 +42,19 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
 
 
+def check_no_dora(model: nn.Module) -> None:
+    """A hot-swap graph takes A' and B' as inputs and adds x A' B' to the base MatMul; DoRA's
+    row scaling m / ||W + sBA|| is not expressible there: refuse, naming the option."""
+    for name, layer in lora_layers(model):
+        dora = [n for n in layer.pending_adapters() if n in layer.lora_magnitude_vector]
+        if dora:
+            raise ValueError(
+                f"merge=False (hot-swap, `lora-ext export --hot-swap`): {name!r} has the DoRA "
+                f"adapter {dora[0]!r}, whose row scaling m / ||W + sBA|| a hot-swap graph "
+                "cannot express; export it merged (merge=True, without --hot-swap)"
+            )
+
+
 def layer_tensors(layer: LoraLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """(A' [in, r], B' [r, out]) in float32 for one LoraLinear: its pending adapters stacked
     along the rank with their scale folded into B' (``LoraLinear.stack_adapters``, what its
@@ -65,6 +78,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, np.ndarray]:
         ValueError: the model has no LoraLinear layers, or an adapter is merged into the
             weights (its tensors would then count twice against a base export).
     """
+    check_no_dora(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError(

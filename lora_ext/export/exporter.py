@@ -822,6 +822,8 @@ def _check_arguments(
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: got {type(model).__name__}, need a torch.nn.Module")
+    if not merge:
+        _adapters.check_no_dora(model)
     if not isinstance(opset, int) or isinstance(opset, bool) or opset not in OPSETS:
         raise ValueError(f"opset: got {opset!r}, need an int in [{OPSETS[0]}, {OPSETS[-1]}]")
     if min_agreement is not None and not 0.0 <= float(min_agreement) <= 1.0:

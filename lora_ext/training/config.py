@@ -55,6 +55,7 @@ class TrainConfig:
     targets: list[str] | None = None
     rslora: bool = False
     init: str = "kaiming"
+    dora: bool = False
     model_dropout: float | None = None
     # optimisation
     steps: int = 300
@@ -177,6 +178,12 @@ class TrainConfig:
             self.init,
             "kaiming, gaussian or pissa",
         )
+        need(isinstance(self.dora, bool), "dora", self.dora, "True or False")
+        if self.dora and self.fsdp:
+            raise TrainError(
+                "--dora with --fsdp: not supported (DoRA's row norm ||W + sBA|| needs each "
+                "layer's whole weight and magnitude vector); use DDP (no --fsdp) or drop --dora"
+            )
         if self.targets is not None:
             need(bool(self.targets) and all(self.targets), "targets", self.targets, "module names")
         if self.resume and self.overwrite:

@@ -130,6 +130,7 @@ def add_lora(cfg: TrainConfig, model: nn.Module, task: TaskSpec) -> list[dict[st
         target_modules=resolve_targets(cfg, model),
         use_rslora=cfg.rslora,
         init=cfg.init,
+        use_dora=cfg.dora,
         modules_to_save=[],  # the head is trained and saved below, in its own param group
     )
     try:
@@ -162,14 +163,30 @@ def add_lora(cfg: TrainConfig, model: nn.Module, task: TaskSpec) -> list[dict[st
             model, cfg.lr, lr_ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay
         )
     else:
+        # DoRA's magnitude vectors get no weight decay (it would shrink the layers' outputs)
+        magnitudes = {
+            id(p)
+            for _, layer in lora_ext.inject.lora_layers(model)
+            for p in layer.lora_magnitude_vector.values()
+        }
+        params = lora_ext.lora_parameters(model)
         groups = [
             {
                 "name": "lora",
-                "params": lora_ext.lora_parameters(model),
+                "params": [p for p in params if id(p) not in magnitudes],
                 "lr": cfg.lr,
                 "weight_decay": cfg.weight_decay,
             }
         ]
+        if magnitudes:
+            groups.append(
+                {
+                    "name": "lora_magnitude",
+                    "params": [p for p in params if id(p) in magnitudes],
+                    "lr": cfg.lr,
+                    "weight_decay": 0.0,
+                }
+            )
     if task.head is not None:
         head_params = list(getattr(model, task.head).parameters())
         for p in head_params:

@@ -968,7 +968,8 @@ def cases() -> list[Case]:
         Case("regex", "backref-catastrophe", g, cfg(target_modules=r"(.*)*\1\d"), "target_modules"),
         Case("regex", "no-match", g, cfg(target_modules=r".*\.c_atn"), "matches no module"),
         # unsupported PEFT features and another base model
-        Case("peft", "dora", g, cfg(use_dora=True), "use_dora=True is a PEFT feature"),
+        Case("peft", "dora-without-magnitudes", g, cfg(use_dora=True), "needs a DoRA magnitude"),
+        Case("peft", "dora-not-a-bool", g, cfg(use_dora="yes"), "use_dora: got 'yes'"),
         Case(
             "peft",
             "layers-to-transform",

@@ -230,7 +230,7 @@ KEY = "base_model.model.transformer.h.1.mlp.c_fc.lora_B.weight"
         ),
         (
             lambda p: _edit_config(p, lambda c: c.update(use_dora=True)),
-            "use_dora=True is a PEFT feature",
+            "use_dora=true, which needs a DoRA magnitude vector",
         ),
         (lambda p: _edit_config(p, lambda c: c.update(peft_type="IA3")), "peft_type is 'IA3'"),
         (lambda p: (p / "adapter_config.json").unlink(), "no adapter_config.json"),
