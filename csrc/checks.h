@@ -74,32 +74,40 @@ struct LinearShapes {
   int64_t r;    // LoRA rank
 };
 
-// x [..., in], weight [out, in], bias [out] or none, lora_a [r, in], lora_b [out, r]
+// x [..., in], weight [out, in] or undefined (the LoRA-only op lora_delta: out comes from
+// lora_b), bias [out] or none, lora_a [r, in], lora_b [out, r]
 inline LinearShapes check_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                       const std::optional<at::Tensor>& bias,
                                       const at::Tensor& lora_a, const at::Tensor& lora_b,
                                       double scale, double dropout_p) {
+  const bool has_weight = weight.defined();
   // devices first: a kernel for the wrong device (and its device guard) must never start
-  check_device(weight, "weight", x, "x");
+  if (has_weight) check_device(weight, "weight", x, "x");
   check_device(lora_a, "lora_a", x, "x");
   check_device(lora_b, "lora_b", x, "x");
   if (bias.has_value() && bias->defined()) check_device(*bias, "bias", x, "x");
   LORA_CHECK(x.dim() >= 1, "x must have shape [..., in_features], got a 0-d tensor");
   check_floating(x, "x");
-  LORA_CHECK(weight.dim() == 2, "weight must be 2-D [out_features, in_features], got shape ",
-             weight.sizes());
+  LORA_CHECK(!has_weight || weight.dim() == 2,
+             "weight must be 2-D [out_features, in_features], got shape ", weight.sizes());
   LORA_CHECK(lora_a.dim() == 2, "lora_a must be 2-D [r, in_features], got shape ", lora_a.sizes());
   LORA_CHECK(lora_b.dim() == 2, "lora_b must be 2-D [out_features, r], got shape ", lora_b.sizes());
-  const int64_t in = x.size(-1), out = weight.size(0), r = lora_a.size(0);
-  LORA_CHECK(weight.size(1) == in, "weight must have shape [out_features, ", in,
+  const int64_t in = x.size(-1), r = lora_a.size(0);
+  const int64_t out = has_weight ? weight.size(0) : lora_b.size(0);
+  LORA_CHECK(!has_weight || weight.size(1) == in, "weight must have shape [out_features, ", in,
              "] to match x of shape ", x.sizes(), ", got ", weight.sizes());
   LORA_CHECK(r > 0, "the LoRA rank must be at least 1, got lora_a of shape ", lora_a.sizes());
   LORA_CHECK(lora_a.size(1) == in, "lora_a must have shape [r, ", in, "] to match x of shape ",
              x.sizes(), ", got ", lora_a.sizes());
-  LORA_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b must have shape [", out, ", ", r,
-             "] to match weight ", weight.sizes(), " and lora_a ", lora_a.sizes(), ", got ",
-             lora_b.sizes());
-  check_same(weight, "weight", x, "x");
+  if (has_weight) {
+    LORA_CHECK(lora_b.size(0) == out && lora_b.size(1) == r, "lora_b must have shape [", out, ", ",
+               r, "] to match weight ", weight.sizes(), " and lora_a ", lora_a.sizes(), ", got ",
+               lora_b.sizes());
+    check_same(weight, "weight", x, "x");
+  } else {
+    LORA_CHECK(lora_b.size(1) == r, "lora_b must have shape [out_features, ", r,
+               "] to match lora_a ", lora_a.sizes(), ", got ", lora_b.sizes());
+  }
   check_same(lora_a, "lora_a", x, "x");
   check_same(lora_b, "lora_b", x, "x");
   if (bias.has_value() && bias->defined()) {

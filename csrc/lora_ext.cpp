@@ -37,6 +37,17 @@ TORCH_LIBRARY(lora_ext, m) {
       "lora_linear_backward(Tensor grad_y, Tensor x, Tensor weight, "
       "Tensor lora_a, Tensor lora_b, Tensor xa, float scale, float dropout_p, Tensor seed, "
       "bool[3] output_mask) -> (Tensor grad_x, Tensor grad_lora_a, Tensor grad_lora_b)");
+  // The LoRA branch alone, for a base layer that computes its own output (a bitsandbytes
+  // 4-bit / 8-bit layer): y = scale * (drop(x) A^T) B^T, the same kernels and dropout mask as
+  // lora_linear (a separate op rather than `Tensor? weight`, so lora_linear's schema, autocast
+  // kernel and traced graphs stay as they are, and this one carries no unused weight/bias).
+  m.def(
+      "lora_delta(Tensor x, Tensor lora_a, Tensor lora_b, float scale, float dropout_p, "
+      "Tensor seed) -> (Tensor y, Tensor xa)");
+  m.def(
+      "lora_delta_backward(Tensor grad_y, Tensor x, Tensor lora_a, Tensor lora_b, Tensor xa, "
+      "float scale, float dropout_p, Tensor seed, bool[3] output_mask) -> (Tensor grad_x, "
+      "Tensor grad_lora_a, Tensor grad_lora_b)");
   // In place: weight += scale * lora_b @ lora_a, accumulated in float32, rounded once, in tiles
   // (no temporary of the weight's size). weight may be any strided 2-D view.
   m.def("merge_(Tensor(a!) weight, Tensor lora_a, Tensor lora_b, float scale) -> ()");

@@ -15,6 +15,10 @@
 //       grad_a = g^T @ drop(x2);  grad_b = scale * dY^T @ xa.  A null pointer: not wanted.
 //
 // Notation: x2 = x viewed as [n, in], dy = grad_y viewed as [n, out], xa2 = xa as [n, r].
+//
+// An undefined weight is the LoRA-only op lora_delta (y = scale * (drop(x) A^T) B^T, for a base
+// layer that computes its own output, e.g. a bitsandbytes 4-bit one): the same kernels, without
+// the big GEMMs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -92,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(const at::Tensor& x,
   if (Kernels::kUpcastHalf && x.scalar_type() == at::kHalf) {
     // float16 on the CPU: partial sums such as bias + s xa B^T can leave float16's range where
     // the result does not; compute in float32 and round once at the end
-    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    const auto f = [](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
     std::optional<at::Tensor> bias32;
     if (bias.has_value() && bias->defined()) bias32 = f(*bias);
     auto [y, xa] = lora_linear_forward<Kernels>(f(x), f(weight), bias32, f(lora_a), f(lora_b),
@@ -103,7 +107,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_forward(const at::Tensor& x,
   // y starts as bias + scale * xa B^T (what addmm's broadcast copy of the bias would cost
   // anyway); the big GEMM then accumulates x W^T into it with beta = 1: no extra pass over y.
   auto [y, xa] = Kernels::lora_forward(x2, bias, lora_a, lora_b, scale, drop);
-  if (y.scalar_type() != x.scalar_type()) {
+  if (!weight.defined()) {  // lora_delta: no base GEMM
+    if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+  } else if (y.scalar_type() != x.scalar_type()) {
     // the kernels kept bias + s xa B^T in float32 (float16 on the GPU): add x W^T and round once
     y = y.add_(at::mm(x2, weight.t())).to(x.scalar_type());
   } else {
@@ -133,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   const typename Kernels::Guard device_guard(x.device());  // after every check
   at::AutoDispatchBelowADInplaceOrView guard;
   if (Kernels::kUpcastHalf && x.scalar_type() == at::kHalf) {  // as in the forward
-    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    const auto f = [](const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; };
     auto [gx, ga, gb] =
         lora_linear_backward<Kernels>(f(grad_y), f(x), f(weight), f(lora_a), f(lora_b), f(xa),
                                       scale, dropout_p, seed, output_mask);
@@ -145,7 +151,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
   at::Tensor grad_x, grad_a, grad_b;
   if (need_x) {
     // [n, in], contiguous: written row block by row block by the LoRA kernel
-    grad_x = Kernels::kLoraTermFirst ? at::empty({s.n, s.in}, x.options()) : at::mm(dy, weight);
+    grad_x = Kernels::kLoraTermFirst ? at::empty({s.n, s.in}, x.options())
+             : weight.defined()      ? at::mm(dy, weight)
+                                     : at::zeros({s.n, s.in}, x.options());
   }
   if (need_x || need_a || need_b) {
     Kernels::lora_backward(dy, as_rows(x, s.n, s.in), xa.reshape({s.n, s.r}), lora_a, lora_b, scale,
@@ -153,9 +161,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
                            need_b ? &grad_b : nullptr);
   }
   // beta = 1: the GEMM reads the LoRA term as its C operand, no extra pass over grad_x
-  if (need_x && Kernels::kLoraTermFirst) grad_x.addmm_(dy, weight);
+  if (need_x && Kernels::kLoraTermFirst && weight.defined()) grad_x.addmm_(dy, weight);
   if (need_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_a, grad_b};
+}
+
+// lora_delta: y = scale * (drop(x) A^T) B^T [..., out] and xa [..., r], lora_linear without the
+// base weight and bias (the base layer adds its own output).
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor> lora_delta_forward(const at::Tensor& x, const at::Tensor& lora_a,
+                                                      const at::Tensor& lora_b, double scale,
+                                                      double dropout_p, const at::Tensor& seed) {
+  return lora_linear_forward<Kernels>(x, at::Tensor(), std::nullopt, lora_a, lora_b, scale,
+                                      dropout_p, seed);
+}
+
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_delta_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& xa, double scale, double dropout_p,
+    const at::Tensor& seed, std::array<bool, 3> output_mask) {
+  return lora_linear_backward<Kernels>(grad_y, x, at::Tensor(), lora_a, lora_b, xa, scale,
+                                       dropout_p, seed, output_mask);
 }
 
 // merge_ works on a row-major problem: rows of `w` are tiles, columns have the smallest stride.

@@ -31,6 +31,7 @@ __all__ = [
     "dora_norm",
     "dropout_mask",
     "load_library",
+    "lora_delta",
     "lora_linear",
     "make_seed",
     "merge_",
@@ -61,6 +62,9 @@ def load_library() -> None:
     _register_fakes()
     torch.library.register_autograd(
         "lora_ext::lora_linear", _lora_linear_backward, setup_context=_lora_linear_setup_context
+    )
+    torch.library.register_autograd(
+        "lora_ext::lora_delta", _lora_delta_backward, setup_context=_lora_delta_setup_context
     )
     _loaded = True
 
@@ -191,6 +195,37 @@ def lora_linear(
     y, _ = _ops.lora_linear.default(
         x, weight, bias, lora_a, lora_b, float(scale), float(dropout_p), seed_t
     )
+    return y
+
+
+def lora_delta(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int | Tensor | None = None,
+) -> Tensor:
+    """The LoRA branch alone: ``y = scale * (drop(x) A^T) B^T``, for a base layer that
+    computes its own output (a bitsandbytes 4-bit / 8-bit layer: ``base(x) + lora_delta(x)``).
+
+    The same kernels and the same dropout mask as ``lora_linear`` for the same seed (a pure
+    function of (seed, flat index of x as [tokens, in])); backward keeps x and
+    ``xa = drop(x) A^T`` [..., r], nothing else of x's size.
+
+    Args:
+        x: [..., in] input (any leading dims, any strides).
+        lora_a: [r, in]. lora_b: [out, r]. Same dtype and device as x.
+        scale: finite scaling factor. dropout_p: in [0, 1) (0 in eval mode).
+        seed: mask seed; None draws a fresh one from torch's default generator.
+
+    Returns:
+        y: [..., out], differentiable w.r.t. x, lora_a and lora_b.
+    """
+    _check_scale_p(scale, dropout_p)
+    load_library()
+    seed_t = make_seed(seed, _seed_device(x)) if dropout_p > 0.0 else _NO_SEED
+    y, _ = _ops.lora_delta.default(x, lora_a, lora_b, float(scale), float(dropout_p), seed_t)
     return y
 
 
@@ -386,6 +421,33 @@ def _lora_linear_backward_fake(
     )
 
 
+def _lora_delta_fake(x, lora_a, lora_b, scale, dropout_p, seed):
+    _check_devices("x", x, lora_a=lora_a, lora_b=lora_b)
+    _check_seed_device(seed, x)
+    torch._check(x.dim() >= 1, lambda: "x must have shape [..., in_features]")
+    torch._check(
+        lora_a.dim() == 2 and lora_a.shape[1] == x.shape[-1],
+        lambda: f"lora_a must be [r, {x.shape[-1]}], got {tuple(lora_a.shape)}",
+    )
+    torch._check(
+        lora_b.dim() == 2 and lora_b.shape[1] == lora_a.shape[0],
+        lambda: f"lora_b must be [out, {lora_a.shape[0]}], got {tuple(lora_b.shape)}",
+    )
+    return x.new_empty(_rows_shape(x, lora_b.shape[0])), x.new_empty(
+        _rows_shape(x, lora_a.shape[0])
+    )
+
+
+def _lora_delta_backward_fake(grad_y, x, lora_a, lora_b, xa, scale, dropout_p, seed, output_mask):
+    _check_devices("x", x, grad_y=grad_y, lora_a=lora_a, lora_b=lora_b, xa=xa)
+    _check_seed_device(seed, x)
+    return (
+        x.new_empty(x.shape) if output_mask[0] else None,
+        lora_a.new_empty(lora_a.shape) if output_mask[1] else None,
+        lora_b.new_empty(lora_b.shape) if output_mask[2] else None,
+    )
+
+
 def _merge_fake(weight, lora_a, lora_b, scale):
     _check_devices("weight", weight, lora_a=lora_a, lora_b=lora_b)
     return None
@@ -419,6 +481,8 @@ def _dropout_mask_fake(like, seed, dropout_p, offset=0):
 def _register_fakes() -> None:
     torch.library.register_fake("lora_ext::lora_linear")(_lora_linear_fake)
     torch.library.register_fake("lora_ext::lora_linear_backward")(_lora_linear_backward_fake)
+    torch.library.register_fake("lora_ext::lora_delta")(_lora_delta_fake)
+    torch.library.register_fake("lora_ext::lora_delta_backward")(_lora_delta_backward_fake)
     torch.library.register_fake("lora_ext::merge_")(_merge_fake)
     torch.library.register_fake("lora_ext::merge_check")(_merge_check_fake)
     torch.library.register_fake("lora_ext::dropout_mask")(_dropout_mask_fake)
@@ -486,3 +550,35 @@ def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, scale, dropout_p
         xa = x_drop @ lora_a.t()
         grad_b = scale * (grad_y.reshape(-1, grad_y.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1]))
     return grad_x, grad_a, grad_b
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd of lora_delta: as lora_linear's without the base weight (saved: x, A, B, xa, seed)
+
+
+def _lora_delta_setup_context(ctx, inputs, output):
+    x, lora_a, lora_b, scale, dropout_p, seed = inputs
+    _, xa = output
+    ctx.scale = scale
+    ctx.dropout_p = dropout_p
+    ctx.save_for_backward(x, lora_a, lora_b, xa, seed)
+    ctx.mark_non_differentiable(xa)
+
+
+def _lora_delta_backward(ctx, grad_y, grad_xa):
+    x, lora_a, lora_b, xa, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    output_mask = [bool(need[0]), bool(need[1]), bool(need[2])]
+    if grad_y is None or not any(output_mask):
+        return None, None, None, None, None, None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y, x, lora_a, lora_b)):
+        # double backward: the same formula in differentiable PyTorch ops, zero base weight
+        weight = x.new_zeros((lora_b.shape[0], x.shape[-1]))
+        grad_x, grad_a, grad_b = _differentiable_backward(
+            grad_y, x, weight, lora_a, lora_b, ctx.scale, ctx.dropout_p, seed, output_mask
+        )
+    else:
+        grad_x, grad_a, grad_b = _ops.lora_delta_backward.default(
+            grad_y, x, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed, output_mask
+        )
+    return grad_x, grad_a, grad_b, None, None, None

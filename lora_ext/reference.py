@@ -20,6 +20,7 @@ __all__ = [
     "dropout_mask",
     "error_bound",
     "keep_threshold",
+    "lora_delta",
     "lora_linear",
     "merge",
     "merge_naive",
@@ -106,6 +107,26 @@ def lora_linear(
     else:
         x_drop = x
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(x_drop, lora_a), lora_b)
+
+
+def lora_delta(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int | Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """``scale * (drop(x) A^T) B^T`` [..., out]: lora_linear without the base weight and bias
+    (x: [..., in]; lora_a: [r, in]; lora_b: [out, r]; the same mask rules)."""
+    if dropout_p > 0.0:
+        if mask is None:
+            if seed is None:
+                raise ValueError("reference.lora_delta: dropout_p > 0 needs a seed or a mask")
+            mask = dropout_mask(x.shape, seed, dropout_p, x.device)
+        x = x * mask.to(x.dtype) / (1.0 - dropout_p)
+    return scale * F.linear(F.linear(x, lora_a), lora_b)
 
 
 def merge(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:

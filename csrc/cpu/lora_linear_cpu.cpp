@@ -374,6 +374,8 @@ at::Tensor dropout_mask_cpu(const at::Tensor& like, const at::Tensor& seed, doub
 TORCH_LIBRARY_IMPL(lora_ext, CPU, m) {
   m.impl("lora_linear", &lora_linear_forward<CpuKernels>);
   m.impl("lora_linear_backward", &lora_linear_backward<CpuKernels>);
+  m.impl("lora_delta", &lora_delta_forward<CpuKernels>);
+  m.impl("lora_delta_backward", &lora_delta_backward<CpuKernels>);
   m.impl("dropout_mask", &dropout_mask_cpu);
 }
 

@@ -402,9 +402,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
                                            seed, output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor> delta_forward_cuda(const at::Tensor& x, const at::Tensor& lora_a,
+                                                      const at::Tensor& lora_b, double scale,
+                                                      double dropout_p, const at::Tensor& seed) {
+  if (cuda_fast_kernels()) {
+    return lora_delta_forward<CudaFastKernels>(x, lora_a, lora_b, scale, dropout_p, seed);
+  }
+  return lora_delta_forward<CudaKernels>(x, lora_a, lora_b, scale, dropout_p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> delta_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const at::Tensor& xa, double scale, double dropout_p,
+    const at::Tensor& seed, std::array<bool, 3> output_mask) {
+  if (cuda_fast_kernels()) {
+    return lora_delta_backward<CudaFastKernels>(grad_y, x, lora_a, lora_b, xa, scale, dropout_p,
+                                                seed, output_mask);
+  }
+  return lora_delta_backward<CudaKernels>(grad_y, x, lora_a, lora_b, xa, scale, dropout_p, seed,
+                                          output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lora_ext, CUDA, m) {
+  m.impl("lora_delta", &delta_forward_cuda);
+  m.impl("lora_delta_backward", &delta_backward_cuda);
   m.impl("lora_linear", &forward_cuda);
   m.impl("lora_linear_backward", &backward_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
