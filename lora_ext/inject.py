@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_ext import dora
+from lora_ext import dora, quantized
 from lora_ext.config import (
     FLOAT32_MAX,
     LoraConfig,
@@ -30,7 +30,7 @@ from lora_ext.config import (
     names_match,
     scale_of,
 )
-from lora_ext.layer import LoraLinear, check_adapter_name, is_supported
+from lora_ext.layer import LoraLinear, check_adapter_name, is_supported, out_in
 
 _CONFIGS_ATTR = "_lora_ext_configs"
 # {adapter name: {"modules_to_save": [...], "task_type": ...}}: the whole modules (e.g. a
@@ -297,7 +297,7 @@ def plan_inject(
         weight = base.weight
         r = config.rank_for(name, matcher)
         alpha = config.alpha_for(name, matcher)
-        dims = tuple(weight.shape)
+        dims = out_in(base)
         if r > min(dims):
             raise ValueError(
                 f"rank for {name!r}: got r={r}, need r <= {min(dims)} (the smaller side of its "
@@ -316,6 +316,12 @@ def plan_inject(
             torch.float64,
         ):
             raise TypeError(f"init='pissa' on {name!r}: weight dtype {weight.dtype} is not float")
+        if config.use_dora and quantized.is_quantized(base):
+            raise ValueError(
+                f"use_dora=True on {name!r}: its base is a bitsandbytes "
+                f"{quantized.kind_of(base)} layer; DoRA over a quantized base is not supported "
+                "(use a float base, or use_dora=False)"
+            )
         plans.append((name, module, r, alpha))
     patterns, task_type = _resolve_saved(model, config, targets)
     saved = select_modules(model, patterns, "modules_to_save")
@@ -379,6 +385,7 @@ def _inject(
     as PEFT does. Any exception while the model changes rolls every change back."""
     if plan is None:
         plan = plan_inject(model, config, adapter_name, init)
+    quant = _plan_quantization(model, config, plan)
     existing = adapter_configs(model)
     first = not existing and not any(layer.lora_A for _, layer in lora_layers(model))
     protect = list(protect)
@@ -387,7 +394,11 @@ def _inject(
             (m.base_layer if isinstance(m, LoraLinear) else m).weight for _, m, _, _ in plan.targets
         ]
     with _Rollback(model, adapter_name, protect) as undo:
+        for name, q_layer in quant.items():  # QLoRA: the frozen base in 4/8 bits first
+            undo.replaced.append((name, model.get_submodule(name)))
+            _set_submodule(model, name, q_layer)
         for name, module, r, alpha in plan.targets:
+            module = quant.get(name, module)
             if isinstance(module, LoraLinear):
                 layer = module
             else:
@@ -417,6 +428,17 @@ def _inject(
             fill()
         _apply_active(model, [adapter_name] if first else active_adapters(model))
     return model
+
+
+def _plan_quantization(model: nn.Module, config: LoraConfig, plan: InjectPlan) -> dict:
+    """{module name: bitsandbytes layer} replacing the float base's linear layers when
+    ``config.base_quantization`` is set (the heads and modules_to_save stay float); built
+    and checked before the model changes."""
+    kind = getattr(config, "base_quantization", None)
+    if kind is None:
+        return {}
+    keep = [name for name, _ in plan.saved]
+    return quantized.plan_quantization(model, kind, keep, LoraLinear).replacements
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -646,7 +668,7 @@ def lora_param_groups(
 
 
 # -- merge ---------------------------------------------------------------------------------
-def merge_(model: nn.Module, safe: bool = False) -> nn.Module:
+def merge_(model: nn.Module, safe: bool = False, requantize: bool = False) -> nn.Module:
     """Merge the active adapters into the base weights in place (W += s B A via the compiled
     ``ops.merge_``, accumulated in float32, rounded once). The forward is then the plain
     base layers. Merging an already merged adapter is a no-op with one warning.
@@ -654,15 +676,45 @@ def merge_(model: nn.Module, safe: bool = False) -> nn.Module:
     safe=True: every layer is checked first (a finite delta, no finite weight overflowing:
     ``ops.merge_is_safe``); if one fails, ValueError is raised and no weight changes.
 
+    A bitsandbytes (4/8-bit) base is never re-quantized silently: without ``requantize=True``
+    ValueError names the first such layer, the model unchanged. With it, each such layer is
+    dequantized, merged in float32 and quantized again by bitsandbytes; the error that adds
+    (max |dequantized merged weight - float32 merge|) is in each layer's
+    ``requantize_error``. Such a merge cannot be unmerged. ``merge_and_unload`` dequantizes
+    instead (one rounding).
+
     Returns: ``model``.
     """
     _require_adapters(model, "merge_")
-    _merge(model, safe=safe, warn=True)
+    _merge(model, safe=safe, warn=True, requantize=requantize)
     return model
 
 
-def _merge(model: nn.Module, safe: bool, warn: bool) -> None:
-    layers = lora_layers(model)
+def _requantized(model: nn.Module, requantize: bool) -> list[tuple[LoraLinear, list, Any, float]]:
+    """(layer, adapters, new weight, error) of every quantized layer with pending adapters,
+    all built before any is installed; ValueError naming the layer without ``requantize``."""
+    built = []
+    for name, layer in lora_layers(model):
+        todo = [a for a in layer.active_adapters if a not in layer.merged_adapters]
+        if not layer.quantized or not todo:
+            continue
+        if not requantize:
+            raise ValueError(
+                f"merge_: layer {name!r} has a bitsandbytes {quantized.kind_of(layer.base_layer)} "
+                "base; merging into it would round twice (float merge, then quantization), so "
+                "nothing was merged. Use lora_ext.merge_and_unload(model, dtype=...) to "
+                "dequantize and merge with one rounding, or merge_(model, requantize=True) to "
+                "merge back into the quantized base (the error is reported)"
+            )
+        built.append((layer, todo, *quantized.requantize_merged(layer, name, todo)))
+    return built
+
+
+def _merge(model: nn.Module, safe: bool, warn: bool, requantize: bool | None = False) -> None:
+    """Merge the plain layers (and, requantize=True, the quantized ones; None: leave those
+    to the caller)."""
+    requantized = [] if requantize is None else _requantized(model, requantize)
+    layers = [(n, layer) for n, layer in lora_layers(model) if not layer.quantized]
     for name, layer in layers:  # a DoRA adapter merges alone: checked on every layer first
         both = [*layer.merged_adapters, *layer.active_adapters]
         both = list(dict.fromkeys(both))
@@ -674,6 +726,8 @@ def _merge(model: nn.Module, safe: bool, warn: bool) -> None:
             problem = layer.merge_problem(todo)
             if problem:
                 raise ValueError(f"safe merge: {problem} in {name!r}; nothing was merged")
+    for layer, todo, param, error in requantized:  # built and checked above
+        layer.install_requantized(todo, param, error)
     skipped: set[str] = set()
     for _, layer in layers:
         skipped.update(layer.merge())  # checked above, all layers before any merge
@@ -691,24 +745,45 @@ def unmerge_(model: nn.Module) -> nn.Module:
     Returns: ``model``.
     """
     _require_adapters(model, "unmerge_")
+    for name, layer in lora_layers(model):  # refused before anything is unmerged
+        if layer.quantized and layer.merged_adapters:
+            raise ValueError(
+                f"unmerge_: layer {name!r} was merged into its re-quantized bitsandbytes base "
+                "(merge_(requantize=True)); that cannot be undone exactly, nothing was unmerged: "
+                "reload the base model and the adapter"
+            )
     done = [layer.unmerge() for _, layer in lora_layers(model)]
     if not any(done):
         warnings.warn("unmerge_: nothing is merged; nothing done", stacklevel=2)
     return model
 
 
-def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
+def merge_and_unload(
+    model: nn.Module, safe: bool = False, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Merge the active adapters and replace every LoraLinear by its base layer, in place.
 
     The result holds plain nn.Linear / Conv1D modules only (no LoRA code, inactive adapters
     are dropped), ready for export. Base parameters stay frozen.
 
+    A bitsandbytes (4/8-bit) base, adapted or not, becomes a plain nn.Linear: bitsandbytes
+    dequantizes it row tile by row tile in float32, ``s B A`` is added in float32 and the
+    result is rounded once to ``dtype`` (None: the dtype the layer was quantized from, its
+    compute dtype, else float32). It is never quantized again. All of them are built
+    before the model changes.
+
     Returns: ``model`` (the same object).
     """
     _require_adapters(model, "merge_and_unload")
-    _merge(model, safe=safe, warn=False)
+    plain = {
+        name: quantized.dequantize_merged(layer, name, dtype, safe=safe)
+        for name, layer in lora_layers(model)
+        if layer.quantized
+    }
+    _merge(model, safe=safe, warn=False, requantize=None)
     for name, layer in lora_layers(model):
-        _set_submodule(model, name, layer.base_layer)
+        _set_submodule(model, name, plain.get(name, layer.base_layer))
+    quantized.dequantize_(model, dtype)  # the quantized layers no adapter targets
     _drop_bookkeeping(model)
     return model
 

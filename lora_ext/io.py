@@ -50,7 +50,7 @@ from lora_ext.inject import (
     saved_modules,
     select_modules,
 )
-from lora_ext.layer import LoraLinear, check_adapter_name
+from lora_ext.layer import LoraLinear, check_adapter_name, out_in
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -349,10 +349,9 @@ def load_adapter(
     wrapped: set[str] = set()
     for module_name, module, r, _ in plan.targets:
         base = module.base_layer if isinstance(module, LoraLinear) else module
-        out_f, in_f = base.weight.shape
+        out_f, in_f = out_in(base)  # a bitsandbytes weight is packed: its dtype is not float
         weight = base.weight
         if not isinstance(base, nn.Linear):  # Conv1D: weight [in, out]
-            out_f, in_f = in_f, out_f
             weight = weight.t()
         expected[f"{module_name}.lora_A.weight"] = (r, in_f)
         expected[f"{module_name}.lora_B.weight"] = (out_f, r)

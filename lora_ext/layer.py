@@ -8,6 +8,9 @@ the compiled op ``lora_ext.ops.lora_linear``; merging uses ``lora_ext.ops.merge_
 transformers' ``Conv1D`` (GPT-2) stores its weight as [in, out]; everything here works on the
 [out, in] view ``weight.t()`` (the ops accept non-contiguous views), which is what PEFT's
 ``fan_in_fan_out`` does.
+
+A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` base (QLoRA) computes its own output; the
+LoRA branch is then the LoRA-only op and merging dequantizes (``lora_ext/quantized.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lora_ext import dora, ops
+from lora_ext import dora, ops, quantized
 
 
 def _conv1d_class() -> type | None:
@@ -30,9 +33,19 @@ def _conv1d_class() -> type | None:
 
 
 def is_supported(module: nn.Module) -> bool:
-    """True for the layer types LoraLinear can wrap: nn.Linear and transformers' Conv1D."""
+    """True for the layer types LoraLinear can wrap: nn.Linear, transformers' Conv1D and
+    bitsandbytes' Linear4bit / Linear8bitLt (nn.Linear subclasses)."""
     conv1d = _conv1d_class()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def out_in(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a supported layer (a bitsandbytes weight is packed, a
+    Conv1D weight is [in, out])."""
+    if quantized.is_quantized(module):
+        return module.out_features, module.in_features
+    out_f, in_f = module.weight.shape
+    return (out_f, in_f) if isinstance(module, nn.Linear) else (in_f, out_f)
 
 
 def check_adapter_name(adapter_name: object) -> str:
@@ -75,11 +88,11 @@ class LoraLinear(nn.Module):
             )
         self.base_layer = base_layer
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # Conv1D: weight [in, out]
-        weight = base_layer.weight
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
+        self.quantized = quantized.is_quantized(base_layer)  # bitsandbytes 4/8-bit base
+        if self.quantized:
+            quantized.keep_layout(base_layer)
+        self.requantize_error = 0.0  # max |delta| a merge_(requantize=True) added
+        self.out_features, self.in_features = out_in(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.r: dict[str, int] = {}
@@ -112,6 +125,12 @@ class LoraLinear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as an [out, in] tensor (a transposed view for Conv1D)."""
+        if self.quantized:
+            raise TypeError(
+                f"the base layer is a bitsandbytes {quantized.kind_of(self.base_layer)} layer: "
+                "its weight is packed; lora_ext.quantized.dequantized_weight(layer.base_layer) "
+                "gives it as a float [out, in] tensor"
+            )
         weight = self.base_layer.weight
         return weight.t() if self.fan_in_fan_out else weight
 
@@ -152,9 +171,10 @@ class LoraLinear(nn.Module):
                 f"{min(self.in_features, self.out_features)}"
             )
         weight = self.base_layer.weight
+        wdtype = quantized.float_dtype(self.base_layer) if self.quantized else weight.dtype
         # As PEFT (autocast_adapter_dtype): adapters over a float16/bfloat16 base are kept in
         # float32, so their updates are not rounded away; the forward casts them for the op.
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = torch.float32 if wdtype in (torch.float16, torch.bfloat16) else wdtype
         factory = {"dtype": dtype, "device": weight.device}
         lora_a = nn.Parameter(torch.empty(r, self.in_features, **factory))
         lora_b = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -294,6 +314,9 @@ class LoraLinear(nn.Module):
         # DoRA: the op's output without bias is scaled per row by m / ||W + sBA|| (dora.py)
         factor = dora.forward_factor(self, pending)
         lora_a, lora_b, scale, dropout_p = self._op_adapters(pending)
+        if self.quantized:  # base output from bitsandbytes, the LoRA branch from lora_delta
+            p = dropout_p if self.training else 0.0
+            return quantized.lora_forward(self.base_layer, x, lora_a, lora_b, scale, p)
         weight = self.base_weight()
         # the op computes in one dtype: under torch.autocast the op's autocast kernel casts
         # every input to the autocast dtype (LoRA parameters stay float32 masters); otherwise
@@ -323,13 +346,23 @@ class LoraLinear(nn.Module):
         return y
 
     # -- merge -------------------------------------------------------------------------
-    def merge(self, adapter_names: Iterable[str] | None = None, safe: bool = False) -> list[str]:
+    def merge(
+        self,
+        adapter_names: Iterable[str] | None = None,
+        safe: bool = False,
+        requantize: bool = False,
+    ) -> list[str]:
         """Add scale * B A of each named adapter (default: the active ones) into the base
         weight in place via ``ops.merge_``. Already merged adapters are skipped.
 
         safe=True checks (once, over all of them) that the deltas are finite and that no
         finite weight would overflow before touching the weight, and raises ValueError
         (weight bit-identical) otherwise.
+
+        A bitsandbytes (4/8-bit) base is merged in place only with requantize=True: the
+        float32 merge is quantized again (an error the layer records in
+        ``requantize_error``); without it ValueError, the layer unchanged. Dequantizing
+        instead (no second rounding) is ``lora_ext.merge_and_unload``.
 
         Returns: the names that were already merged (skipped).
         """
@@ -339,6 +372,9 @@ class LoraLinear(nn.Module):
                 raise KeyError(f"adapter_names: {name!r} is not on this layer")
         skipped = [n for n in names if n in self.merged_adapters]
         todo = [n for n in names if n not in self.merged_adapters]
+        if self.quantized:
+            self._merge_requantized(todo, requantize)
+            return skipped
         both = [*self.merged_adapters, *todo]
         dora.check_alone(both, [n for n in both if dora.is_dora(self, n)], "merge")
         if safe:
@@ -363,11 +399,40 @@ class LoraLinear(nn.Module):
                 self.merged_adapters.append(name)
         return skipped
 
+    def _merge_requantized(self, todo: list[str], requantize: bool, name: str = "") -> None:
+        kind = quantized.kind_of(self.base_layer)
+        if not todo:
+            return
+        if not requantize:
+            raise ValueError(
+                f"merge: layer {name or self.extra_repr()!r} has a bitsandbytes {kind} base; "
+                "merging into it rounds twice (float merge, then quantization). Use "
+                "lora_ext.merge_and_unload(model, dtype=...) to dequantize and merge with one "
+                "rounding, or pass requantize=True to merge back into the quantized base"
+            )
+        self.install_requantized(todo, *quantized.requantize_merged(self, name, todo))
+
+    def install_requantized(self, names: list[str], param: nn.Parameter, error: float) -> None:
+        """Put a re-quantized merged weight (``quantized.requantize_merged``) in place."""
+        self.base_layer.weight = param
+        self.merged_adapters.extend(names)
+        self.requantize_error = max(self.requantize_error, error)
+
     def unmerge(self) -> list[str]:
         """Subtract the merged adapters from the base weight (in reverse merge order).
 
+        A bitsandbytes base merged with requantize=True cannot be unmerged (its float
+        weight is gone; subtracting would round a third time): ValueError.
+
         Returns: the names unmerged.
         """
+        if self.quantized and self.merged_adapters:
+            raise ValueError(
+                f"unmerge: adapters {self.merged_adapters} were merged into a re-quantized "
+                f"bitsandbytes {quantized.kind_of(self.base_layer)} base "
+                "(merge_(requantize=True)); that cannot be undone exactly: reload the base "
+                "model and the adapter"
+            )
         done = []
         with torch.no_grad():
             weight = self.base_weight()
