@@ -137,6 +137,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "(x W^T + s drop(x) A^T B^T) + b (PEFT's use_dora; saved in PEFT's format)",
     )
     g.add_argument(
+        "--quantize-base",
+        default=d.quantize_base,
+        choices=["nf4", "int8"],
+        help="QLoRA: quantize the frozen base's linear layers (not the head) with bitsandbytes "
+        "4-bit nf4 or 8-bit int8 before adding LoRA; the adapter stays float32 and the "
+        "export dequantizes and merges with one rounding",
+    )
+    g.add_argument(
         "--init",
         default=d.init,
         choices=["kaiming", "gaussian", "pissa"],

@@ -56,6 +56,7 @@ class TrainConfig:
     rslora: bool = False
     init: str = "kaiming"
     dora: bool = False
+    quantize_base: str | None = None  # QLoRA: the frozen base in bitsandbytes "nf4" / "int8"
     model_dropout: float | None = None
     # optimisation
     steps: int = 300
@@ -88,6 +89,27 @@ class TrainConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that define what the run computes (compared on --resume)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in CONTROL_FIELDS}
+
+    def _check_quantize_base(self) -> None:
+        """--quantize-base: the combinations a bitsandbytes base does not support, and
+        bitsandbytes itself, checked before any work."""
+        q = self.quantize_base
+        for flag, on, why in (
+            ("--dora", self.dora, "DoRA's norm ||W + sBA|| needs the float weight"),
+            ("--init pissa", self.init == "pissa", "PiSSA rewrites W from its SVD"),
+            ("--fsdp", self.fsdp, "FSDP2 cannot shard bitsandbytes' packed weights"),
+        ):
+            if on:
+                raise TrainError(
+                    f"--quantize-base {q} with {flag}: not supported ({why}); drop one of them"
+                )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise TrainError(
+                f"--quantize-base {q}: needs bitsandbytes (pip install bitsandbytes, or "
+                'pip install "lora_ext[train]")'
+            ) from None
 
     def validate(self) -> None:
         """Check every value; raise TrainError naming the flag, the value and the need."""
@@ -184,6 +206,14 @@ class TrainConfig:
                 "--dora with --fsdp: not supported (DoRA's row norm ||W + sBA|| needs each "
                 "layer's whole weight and magnitude vector); use DDP (no --fsdp) or drop --dora"
             )
+        need(
+            self.quantize_base in (None, "nf4", "int8"),
+            "quantize_base",
+            self.quantize_base,
+            "nf4 or int8 (or none: a float base)",
+        )
+        if self.quantize_base is not None:
+            self._check_quantize_base()
         if self.targets is not None:
             need(bool(self.targets) and all(self.targets), "targets", self.targets, "module names")
         if self.resume and self.overwrite:

@@ -131,6 +131,7 @@ def add_lora(cfg: TrainConfig, model: nn.Module, task: TaskSpec) -> list[dict[st
         use_rslora=cfg.rslora,
         init=cfg.init,
         use_dora=cfg.dora,
+        base_quantization=cfg.quantize_base,
         modules_to_save=[],  # the head is trained and saved below, in its own param group
     )
     try:

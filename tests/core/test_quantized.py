@@ -377,3 +377,12 @@ def test_nf4_trained_bert_exports_to_onnx_and_verifies(tmp_path):
     report = export_onnx(model, inputs, tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx").exists() and report.checks and report.merged_layers == 11
     assert _same_state(model, before)  # the model is untouched (merged on a copy)
+
+
+def test_a_dora_adapter_over_a_quantized_base_is_refused():
+    model, _, targets, _ = _tiny_bert()
+    quantized.quantize_base_(model, "nf4")
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"use_dora=True on '.*query'.*bitsandbytes nf4"):
+        lora_ext.inject_(model, lora_ext.LoraConfig(target_modules=targets, use_dora=True))
+    assert _same_state(model, before) and not lora_layers(model)
