@@ -58,14 +58,13 @@ def _rss_kib(field: str = "VmRSS") -> int:
 
 
 def _give_back_memory() -> None:
+    import contextlib
     import ctypes
     import gc
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def _reset_peak() -> bool:
