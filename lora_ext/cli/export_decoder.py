@@ -20,6 +20,7 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 EVAL_DATA_DEFAULT = "bbc-news"
+CALIBRATION_SAMPLES = 32
 
 
 def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,15 +29,18 @@ def add_decoder_arguments(parser: argparse.ArgumentParser) -> None:
         "causal LM (writes an onnxruntime-genai model folder at --out: KV cache graph, "
         "genai_config.json, tokenizer)"
     )
-    g.add_argument("--int4", action="store_true", help="int4 weights (MatMulNBits), RTN")
+    g.add_argument(
+        "--int4", action="store_true", help="int4 weights (MatMulNBits), GPTQ by default"
+    )
     g.add_argument("--block-size", type=int, default=32, help="int4: weights per scale")
     g.add_argument("--asymmetric", action="store_true", help="int4: with zero points")
     g.add_argument(
         "--int4-method",
-        choices=["rtn", "k_quant", "hqq"],
-        default="rtn",
-        help="int4: how weights are rounded: rtn (round to nearest), k_quant, or hqq "
-        "(half-quadratic; GPT-2 folders only)",
+        choices=["gptq", "rtn", "k_quant"],
+        default="gptq",
+        help="int4: gptq (default: RTN's grid and size, weights chosen on calibration text "
+        "from --calibration's training split; SmolLM2: 69%% next-token agreement with fp32 "
+        "vs RTN's 59%%), rtn (round to nearest, the builder's default), or k_quant",
     )
     g.add_argument(
         "--accuracy-level",
@@ -81,20 +85,29 @@ def _refuse_flags(args: argparse.Namespace) -> None:
         raise ValueError("--int4: cannot be combined with --int8; pick one")
     if args.hot_swap and not args.adapter:
         raise ValueError("--hot-swap: needs --adapter (its layers become LoRA graph inputs)")
+    gptq = args.int4 and args.int4_method == "gptq"
+    if not gptq and (args.calibration or args.calibration_samples is not None):
+        raise ValueError(
+            "--calibration: for a causal LM it calibrates --int4 --int4-method gptq only"
+        )
+    if gptq and args.asymmetric:
+        raise ValueError("--asymmetric: GPTQ uses the symmetric grid; add --int4-method rtn")
     for flag, value in (
         ("--optimize", args.optimize),
         ("--all-positions", args.all_positions),
         ("--ort-format", args.ort_format),
-        ("--calibration", args.calibration),
         ("--external-data", args.external_data),
     ):
         if value:
             raise ValueError(f"{flag}: applies to classifier exports, not to a causal-LM folder")
 
 
-def eval_texts(data: str | None, adapter: str | None, samples: int) -> tuple[str, list[str]]:
+def eval_texts(
+    data: str | None, adapter: str | None, samples: int, train: bool = False
+) -> tuple[str, list[str]]:
     """(data name, held-out texts): the validation split of ``data``, else of the adapter's
-    training data (its run.json), else of EVAL_DATA_DEFAULT."""
+    training data (its run.json), else of EVAL_DATA_DEFAULT; with ``train`` the first
+    ``samples`` texts of its training split instead (GPTQ's calibration)."""
     from lora_ext.training import data as D
 
     val_fraction, seed = 0.1, 0
@@ -110,7 +123,7 @@ def eval_texts(data: str | None, adapter: str | None, samples: int) -> tuple[str
         split = D.split_dataset(D.load_dataset(data), val_fraction, seed)
     except D.DataError as exc:
         raise ValueError(f"--eval-data: {exc}") from exc
-    texts = [t for t in split.val.texts if t.strip()][:samples]
+    texts = [t for t in (split.train if train else split.val).texts if t.strip()][:samples]
     return data, texts
 
 
@@ -136,9 +149,18 @@ def run_export_decoder(args: argparse.Namespace) -> int:
         model, tokenizer, _ = load_for_export(args.model, args.adapter, "causal-lm", None)
         texts = None
         quantize = "int4" if args.int4 else "int8" if args.int8 else None
+        calibration = None
         if quantize:
             name, texts = eval_texts(args.eval_data, args.adapter, args.eval_samples)
             say(f"quality report on {len(texts)} held-out texts of {name}")
+        if quantize == "int4" and args.int4_method == "gptq":
+            samples = args.calibration_samples or CALIBRATION_SAMPLES
+            if samples < 1:
+                raise ValueError(f"--calibration-samples: got {samples}, need >= 1")
+            name, calibration = eval_texts(
+                args.calibration or args.eval_data, args.adapter, samples, train=True
+            )
+            say(f"GPTQ calibration on {len(calibration)} training texts of {name}")
         elif args.eval_data:
             raise ValueError("--eval-data: only used with --int4 / --int8")
         report = export_decoder(
@@ -150,7 +172,8 @@ def run_export_decoder(args: argparse.Namespace) -> int:
             dtype="fp16" if args.fp16 else "fp32",
             block_size=args.block_size,
             symmetric=not args.asymmetric,
-            int4_method=args.int4_method,
+            int4_method=args.int4_method if quantize == "int4" else "rtn",
+            calibration_texts=calibration,
             lm_head_int8=args.lm_head_int8,
             accuracy_level=args.accuracy_level,
             new_tokens=args.new_tokens,

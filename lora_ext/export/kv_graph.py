@@ -36,7 +36,6 @@ whose weights are inputs, stay float.
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 from collections.abc import Sequence
@@ -298,55 +297,3 @@ def genai_config(model: Any, tokenizer: Any, filename: str = "model.onnx") -> di
             "top_p": 1.0,
         },
     }
-
-
-def quantize_weights(
-    onnx_path: Path,
-    bits: int,
-    block_size: int,
-    symmetric: bool,
-    method: str,
-    accuracy_level: int,
-    exclude: Sequence[str] = (),
-) -> None:
-    """Weight-only ``MatMulNBits`` quantization of the graph's constant MatMuls, in place
-    (onnxruntime's ``MatMulNBitsQuantizer``): ``method`` "rtn" (round to nearest, block-wise,
-    symmetric or not), "k_quant", or "hqq" (half-quadratic, asymmetric, no data). MatMuls
-    whose weight is not an initializer (the tied LM head reads Transpose(embedding); LoRA
-    inputs) stay float, and so do the nodes named in ``exclude``."""
-    import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mq
-
-    from ._io import save_model
-
-    model = onnx.load(str(onnx_path))
-    if method == "hqq":
-        algo: Any = mq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
-    elif method == "k_quant":
-        algo = mq.KQuantWeightOnlyQuantConfig()
-    else:
-        algo = mq.DefaultWeightOnlyQuantConfig(
-            block_size=block_size,
-            is_symmetric=symmetric,
-            accuracy_level=accuracy_level,
-            bits=bits,
-        )
-    quantizer = mq.MatMulNBitsQuantizer(
-        model,
-        bits=bits,
-        block_size=block_size,
-        is_symmetric=symmetric,
-        accuracy_level=accuracy_level,
-        nodes_to_exclude=list(exclude),
-        algo_config=algo,
-    )
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = log.level
-    log.setLevel(logging.WARNING)  # it logs every node at INFO
-    try:
-        quantizer.process()
-    finally:
-        log.setLevel(level)
-    out = quantizer.model.model
-    (onnx_path.parent / (onnx_path.name + ".data")).unlink(missing_ok=True)
-    save_model(out, onnx_path, external_data=True)

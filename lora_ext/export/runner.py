@@ -312,6 +312,23 @@ class DecoderRunner:
         (key, value per layer); position_ids [batch, seq] int64 for graphs that take them
         (default: the columns past .. past + seq - 1). Returns (logits [batch, seq, vocab],
         present, same layout)."""
+        feeds = self.feeds(input_ids, attention_mask, past, position_ids)
+        out = self.session.run([self.logits_name, *self.present_names], feeds, self._run_options)
+        return out[0], out[1:]
+
+    def feeds(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        past: list[np.ndarray] | None = None,
+        position_ids: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """The graph's feed dict for one run (``forward``'s arguments; by default a prefill:
+        a mask of ones and an empty cache)."""
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        if past is None:
+            past = self.empty_past(input_ids.shape[0])
         feeds = {self.ids_name: input_ids, self.mask_name: attention_mask}
         if self.positions_name is not None:
             if position_ids is None:
@@ -322,8 +339,7 @@ class DecoderRunner:
             feeds[self.positions_name] = np.ascontiguousarray(position_ids, dtype=np.int64)
         for (k, v), i in zip(self.past_names, range(0, 2 * self.num_layers, 2)):
             feeds[k], feeds[v] = past[i], past[i + 1]
-        out = self.session.run([self.logits_name, *self.present_names], feeds, self._run_options)
-        return out[0], out[1:]
+        return feeds
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.kv_heads, 0, self.head_size)

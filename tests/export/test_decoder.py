@@ -451,7 +451,8 @@ def test_cli_hot_swap_then_infer_with_the_adapter(llama_dir, tmp_path, capsys):
 
 
 def test_cli_gpt2_int4_then_infer(tok, tmp_path, capsys):
-    """A GPT-2 directory through the CLI: our own graph, int4 (HQQ), read back by infer."""
+    """A GPT-2 directory through the CLI: our own graph, int4 (GPTQ, the default, calibrated
+    on the file's training split), read back by infer."""
     from lora_ext.cli import main
 
     src = tmp_path / "gpt2"
@@ -460,14 +461,15 @@ def test_cli_gpt2_int4_then_infer(tok, tmp_path, capsys):
     data = tmp_path / "held_out.txt"
     data.write_text("\n\n".join(" ".join(WORDS[i : i + 20]) for i in range(0, 100, 5)) + "\n")
     out = tmp_path / "genai"
-    code = main(["export", "--model", str(src), "--out", str(out), "--int4", "--int4-method",
-                 "hqq", "--new-tokens", "8", "--eval-data", str(data)])  # fmt: skip
+    code = main(["export", "--model", str(src), "--out", str(out), "--int4", "--new-tokens",
+                 "8", "--eval-data", str(data)])  # fmt: skip
     captured = capsys.readouterr()
     printed = captured.out
     assert code == 0, captured.err
     assert "int4" in printed and "next-token agreement" in printed
     saved = json.loads((out / "lora_ext.json").read_text())
-    assert saved["options"]["algo_config"] == "hqq" and saved["model_type"] == "decoder"
+    assert saved["options"]["int4_method"] == "gptq" and saved["model_type"] == "decoder"
+    assert int(saved["options"]["calibration_texts"]) >= 10
     assert main(["infer", "--onnx", str(out), "--max-new-tokens", "4", "--no-stream",
                  "the time"]) == 0  # fmt: skip
     want = DecoderRunner(out, word_tokenizer()).generate(["the time"], max_new_tokens=4).texts
