@@ -290,6 +290,7 @@ class DecoderRunner:
         }
         self._run_options = ort.RunOptions()
         self.adapter_path: Path | None = None
+        self._adapter_arrays: dict[str, np.ndarray] = {}
         if adapter is not None:
             self.set_adapter(adapter)
 
@@ -299,6 +300,9 @@ class DecoderRunner:
         self._run_options, self._adapter, self.adapter_path = activate_adapter(
             adapter, self._lora_shapes, self.folder.name
         )
+        # forward_shared binds them itself (an IOBinding run does not apply RunOptions'
+        # active adapters: measured, the logits were the base model's)
+        self._adapter_arrays = {} if adapter is None else read_onnx_adapter(Path(adapter))
 
     def forward(
         self,
@@ -340,6 +344,51 @@ class DecoderRunner:
         for (k, v), i in zip(self.past_names, range(0, 2 * self.num_layers, 2)):
             feeds[k], feeds[v] = past[i], past[i + 1]
         return feeds
+
+    def shared_cache(
+        self, batch: int, capacity: int, past: list[np.ndarray] | None = None
+    ) -> list[Any]:
+        """KV buffers [batch, kv_heads, capacity, head_size] (key, value per layer) as
+        onnxruntime OrtValues for ``forward_shared``: zeros, then ``past`` (forward's
+        present, [batch, kv_heads, n, head_size]) copied into the first n columns."""
+        import onnxruntime as ort
+
+        shape = (batch, self.kv_heads, capacity, self.head_size)
+        out = []
+        for i in range(2 * self.num_layers):
+            buffer = np.zeros(shape, dtype=self.kv_dtype)
+            if past is not None:
+                buffer[:, :, : past[i].shape[2]] = past[i]
+            out.append(ort.OrtValue.ortvalue_from_numpy(buffer))
+        return out
+
+    def forward_shared(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list[Any]
+    ) -> np.ndarray:
+        """One run of a GroupQueryAttention graph with past and present bound to the same
+        buffers (``shared_cache``), updated in place. input_ids [batch, seq];
+        attention_mask [batch, capacity]: row b's ones cover its tokens so far, this run's
+        included. Returns logits [batch, seq, vocab]."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        fed = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)),
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(attention_mask)),
+        ]
+        binding.bind_ortvalue_input(self.ids_name, fed[0])
+        binding.bind_ortvalue_input(self.mask_name, fed[1])
+        for name, value in self._adapter_arrays.items():
+            fed.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+            binding.bind_ortvalue_input(name, fed[-1])
+        for (k, v), i in zip(self.past_names, range(0, 2 * self.num_layers, 2)):
+            binding.bind_ortvalue_input(k, cache[i])
+            binding.bind_ortvalue_input(v, cache[i + 1])
+        for name, value in zip(self.present_names, cache):
+            binding.bind_ortvalue_output(name, value)
+        binding.bind_output(self.logits_name)
+        self.session.run_with_iobinding(binding, self._run_options)
+        return binding.get_outputs()[-1].numpy()
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.kv_heads, 0, self.head_size)
@@ -414,8 +463,18 @@ class DecoderRunner:
             ids[b, : len(r)] = r
             mask[b, : len(r)] = 1
         t0 = time.perf_counter()
+        # GQA graphs (the builder's): past and present share one buffer of the final length,
+        # written in place at each row's length (no copy of the cache per token, as
+        # onnxruntime-genai's past_present_share_buffer); ours concatenate.
+        # (GQA refuses a batch > 1 prefill over a past buffer: the prefill runs without
+        # one and its cache is copied into the buffers once)
+        shared = self.positions_name is None
         positions = np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width))
         logits, past = self.forward(ids, mask, self.empty_past(batch), positions)
+        if shared:
+            capacity = width + max_new_tokens
+            cache = self.shared_cache(batch, capacity, past)
+            del past
         last = logits[np.arange(batch), lengths - 1]  # [batch, vocab]
         prefill = time.perf_counter() - t0
         tokens: list[list[int]] = [[] for _ in range(batch)]
@@ -438,14 +497,14 @@ class DecoderRunner:
             if done.all() or step == max_new_tokens - 1:
                 break
             nxt = np.where(done, self.pad_id, nxt)
-            total = past[0].shape[2] + 1
             positions = lengths[:, None]  # each row's own next position
             lengths = lengths + 1
-            if self.positions_name is None:  # GQA: the token goes to column n_b
-                mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
+            if shared:  # GQA: the token goes to column n_b of the buffer
+                mask = (np.arange(capacity)[None, :] < lengths[:, None]).astype(np.int64)
+                logits = self.forward_shared(nxt[:, None], mask, cache)
             else:  # concatenated cache: the token takes the next column in every row
                 mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            logits, past = self.forward(nxt[:, None], mask, past, positions)
+                logits, past = self.forward(nxt[:, None], mask, past, positions)
             last = logits[:, -1]
             steps += 1
         decode = time.perf_counter() - t1
