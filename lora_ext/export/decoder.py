@@ -4,7 +4,8 @@ weights, verified token for token against PyTorch before anything is written.
     from lora_ext.export import export_decoder, save_decoder_adapter, DecoderRunner
     report = export_decoder(model, "out/smollm2-genai", tokenizer=tok)             # fp32
     report = export_decoder(model, "out/smollm2-int4", tokenizer=tok, quantize="int4",
-                            eval_texts=held_out)                                   # + quality
+                            calibration_texts=train_texts,                 # GPTQ (else RTN)
+                            eval_texts=held_out)                           # + quality
     DecoderRunner("out/smollm2-genai", tok).generate(["The capital of France is"])
     export_decoder(model, "out/hot", tokenizer=tok, merge=False)  # + out/hot/adapter.onnx_adapter
     save_decoder_adapter(other_model, "out/hot", "other")         # another adapter, same base
@@ -754,7 +755,7 @@ def export_decoder(
     dtype: str = "fp32",
     block_size: int = 32,
     symmetric: bool = True,
-    int4_method: str = "rtn",
+    int4_method: str | None = None,
     calibration_texts: Sequence[str] | None = None,
     lm_head_int8: bool = False,
     accuracy_level: int = 4,
@@ -781,7 +782,8 @@ def export_decoder(
             without it against the base. Adapters stay float over int4 weights.
         dtype: "fp32" (fp16 genai folders need a GPU execution provider).
         block_size, symmetric, int4_method, lm_head_int8, accuracy_level: the weight-only
-            quantization (int4/int8). ``int4_method``: "rtn" (round to nearest, the
+            quantization (int4/int8). ``int4_method``: None (default: "gptq" when
+            ``calibration_texts`` are given and symmetric, else "rtn"), "rtn" (round to nearest, the
             builder's default), "k_quant", or "gptq": GPTQ on the same symmetric int4
             grid and layout as RTN (same size, same kernels), layers and LM head,
             calibrated on ``calibration_texts`` (keep them apart from ``eval_texts``).
@@ -813,6 +815,9 @@ def export_decoder(
             "dtype: fp16 genai folders need a GPU execution provider (the builder writes fp16 "
             "for CUDA/DML only); use fp32 or quantize='int4' for the CPU"
         )
+    if int4_method is None:  # the best measured that the inputs allow
+        gptq = quantize == "int4" and symmetric and bool(calibration_texts)
+        int4_method = "gptq" if gptq else "rtn"
     if int4_method not in INT4_METHODS:
         raise DecoderExportError(f"int4_method: got {int4_method!r}, need one of {INT4_METHODS}")
     if block_size not in (16, 32, 64, 128, 256):

@@ -90,16 +90,17 @@ def test_gptq_folder_same_size_closer_to_fp32(arch, tmp_path):
     PyTorch's than RTN's folder's."""
     tok = word_tokenizer()
     model = with_lora(tiny_decoder(arch))
-    calib = [" ".join(WORDS[i : i + 30]) for i in range(0, 80, 3)]
+    calib = [" ".join(WORDS[i : i + 30]) for i in range(0, 80, 6)]
     held = [" ".join(WORDS[i + 5 : i + 35]) for i in range(1, 80, 7)]
     common = dict(tokenizer=tok, quantize="int4", prompts=PROMPTS[:1], new_tokens=8,
                   eval_texts=held)  # fmt: skip
-    gptq = export_decoder(model, tmp_path / "gptq", int4_method="gptq",
-                          calibration_texts=calib, **common)  # fmt: skip
+    # int4_method left to its default: GPTQ, since calibration texts are given
+    gptq = export_decoder(model, tmp_path / "gptq", calibration_texts=calib, **common)
     rtn = export_decoder(model, tmp_path / "rtn", verify=False, **common)
+    assert rtn.options["int4_method"] == "rtn"  # no calibration texts: RTN
     assert all(c.genai_equal for c in gptq.checks)
     assert gptq.size_bytes == pytest.approx(rtn.size_bytes, rel=1e-3)
-    assert gptq.options["int4_method"] == "gptq" and gptq.options["calibration_texts"] == "27"
+    assert gptq.options["int4_method"] == "gptq" and gptq.options["calibration_texts"] == "14"
     merged = D._plain_fp32(model)
     import lora_ext
 
