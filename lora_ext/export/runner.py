@@ -12,7 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,15 @@ class GenerationOutput:
     decode_steps: int = 0
 
 
+@dataclass
+class SharedCache:
+    """DecoderRunner's KV buffers for GQA graphs: one IOBinding with every layer's buffer
+    bound as past and present; ``keep`` holds the OrtValues it refers to."""
+
+    binding: Any
+    keep: list[Any] = field(default_factory=list)
+
+
 def sample_next(
     logits: np.ndarray,
     rng: np.random.Generator | None,
@@ -300,8 +309,7 @@ class DecoderRunner:
         self._run_options, self._adapter, self.adapter_path = activate_adapter(
             adapter, self._lora_shapes, self.folder.name
         )
-        # forward_shared binds them itself (an IOBinding run does not apply RunOptions'
-        # active adapters: measured, the logits were the base model's)
+        # shared_cache binds them itself (an IOBinding run ignores RunOptions' adapters)
         self._adapter_arrays = {} if adapter is None else read_onnx_adapter(Path(adapter))
 
     def forward(
@@ -347,23 +355,33 @@ class DecoderRunner:
 
     def shared_cache(
         self, batch: int, capacity: int, past: list[np.ndarray] | None = None
-    ) -> list[Any]:
-        """KV buffers [batch, kv_heads, capacity, head_size] (key, value per layer) as
-        onnxruntime OrtValues for ``forward_shared``: zeros, then ``past`` (forward's
-        present, [batch, kv_heads, n, head_size]) copied into the first n columns."""
+    ) -> SharedCache:
+        """KV buffers [batch, kv_heads, capacity, head_size] (key, value per layer) for
+        ``forward_shared``: zeros, then ``past`` (forward's present, [batch, kv_heads, n,
+        head_size]) copied into the first n columns; bound once, each as both the past input
+        and the present output, with the active adapter's tensors (an IOBinding run does not
+        apply RunOptions' active adapters: measured, the logits were the base model's)."""
         import onnxruntime as ort
 
         shape = (batch, self.kv_heads, capacity, self.head_size)
-        out = []
+        cache = SharedCache(self.session.io_binding())
         for i in range(2 * self.num_layers):
             buffer = np.zeros(shape, dtype=self.kv_dtype)
             if past is not None:
                 buffer[:, :, : past[i].shape[2]] = past[i]
-            out.append(ort.OrtValue.ortvalue_from_numpy(buffer))
-        return out
+            cache.keep.append(ort.OrtValue.ortvalue_from_numpy(buffer))
+        for (k, v), i in zip(self.past_names, range(0, 2 * self.num_layers, 2)):
+            cache.binding.bind_ortvalue_input(k, cache.keep[i])
+            cache.binding.bind_ortvalue_input(v, cache.keep[i + 1])
+        for name, value in zip(self.present_names, cache.keep):
+            cache.binding.bind_ortvalue_output(name, value)
+        for name, array in self._adapter_arrays.items():
+            cache.keep.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
+            cache.binding.bind_ortvalue_input(name, cache.keep[-1])
+        return cache
 
     def forward_shared(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: list[Any]
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: SharedCache
     ) -> np.ndarray:
         """One run of a GroupQueryAttention graph with past and present bound to the same
         buffers (``shared_cache``), updated in place. input_ids [batch, seq];
@@ -371,24 +389,15 @@ class DecoderRunner:
         included. Returns logits [batch, seq, vocab]."""
         import onnxruntime as ort
 
-        binding = self.session.io_binding()
         fed = [
             ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)),
             ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(attention_mask)),
         ]
-        binding.bind_ortvalue_input(self.ids_name, fed[0])
-        binding.bind_ortvalue_input(self.mask_name, fed[1])
-        for name, value in self._adapter_arrays.items():
-            fed.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
-            binding.bind_ortvalue_input(name, fed[-1])
-        for (k, v), i in zip(self.past_names, range(0, 2 * self.num_layers, 2)):
-            binding.bind_ortvalue_input(k, cache[i])
-            binding.bind_ortvalue_input(v, cache[i + 1])
-        for name, value in zip(self.present_names, cache):
-            binding.bind_ortvalue_output(name, value)
-        binding.bind_output(self.logits_name)
-        self.session.run_with_iobinding(binding, self._run_options)
-        return binding.get_outputs()[-1].numpy()
+        cache.binding.bind_ortvalue_input(self.ids_name, fed[0])
+        cache.binding.bind_ortvalue_input(self.mask_name, fed[1])
+        cache.binding.bind_output(self.logits_name)
+        self.session.run_with_iobinding(cache.binding, self._run_options)
+        return cache.binding.get_outputs()[-1].numpy()
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.kv_heads, 0, self.head_size)
