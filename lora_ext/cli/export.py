@@ -61,7 +61,8 @@ def add_export_command(subparsers: Any) -> None:
         "to fp32: a bundled data set (rotten-tomatoes, bbc-news) or a .csv/.jsonl/.txt file; "
         "its training split is used (validation fraction 0.1, seed 0, as lora-ext train "
         "draws it). Default: the data of the run the adapter comes from (run.json next to "
-        "it), else none",
+        "it), else none. A causal LM's --int4 (GPTQ) calibrates on the same split (default: "
+        "the adapter's data, else bbc-news)",
     )
     exp.add_argument(
         "--calibration-samples",
@@ -69,7 +70,7 @@ def add_export_command(subparsers: Any) -> None:
         default=None,
         metavar="N",
         help="--int8: texts to calibrate on, half one per run, half in padded batches of 16 "
-        "(default 256)",
+        "(default 256); causal LM --int4: GPTQ's calibration texts (default 32)",
     )
     exp.add_argument(
         "--accept-low-agreement",
