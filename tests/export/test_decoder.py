@@ -487,6 +487,8 @@ def test_cli_gpt2_int4_then_infer(tok, tmp_path, capsys):
     [
         (["--int4", "--fp16"], "--int4: cannot be combined with --fp16"),
         (["--hot-swap"], "--hot-swap: needs --adapter"),
+        (["--int4", "--asymmetric"], "--asymmetric: GPTQ uses the symmetric grid"),
+        (["--calibration", "bbc-news"], "--calibration: for a causal LM it calibrates --int4"),
     ],
 )
 def test_cli_bad_flags_exit_2(llama_dir, tmp_path, capsys, extra, message):
