@@ -44,6 +44,20 @@ def is_dora(layer: LoraLinear, name: str) -> bool:
     return name in layer.lora_magnitude_vector
 
 
+def check_base(name: str, base: nn.Module) -> None:
+    """DoRA needs a plain floating-point base weight (its row norms ||W + sBA||): refuse a
+    quantized one (bitsandbytes' Params4bit / Int8Params, or any other parameter subclass or
+    integer weight), naming the layer and the option."""
+    weight = base.weight
+    if type(weight) is not nn.Parameter or not weight.dtype.is_floating_point:
+        raise ValueError(
+            f"use_dora=True: {name!r} is a {type(base).__name__} whose weight is a "
+            f"{type(weight).__name__} of {weight.dtype} (a quantized base?); DoRA needs a "
+            "floating-point base weight for its norm ||W + sBA||: set use_dora=False, or "
+            "load the base unquantized (no base_quantization)"
+        )
+
+
 def weight_norm(layer: LoraLinear, name: str) -> torch.Tensor:
     """n = ||W + s B A|| per output row, [out] float32 (float64 over a float64 base), detached:
     the compiled ``ops.dora_norm`` over the base weight and the adapter's A, B masters."""

@@ -295,6 +295,8 @@ def plan_inject(
     for name, module in targets:
         base = module.base_layer if isinstance(module, LoraLinear) else module
         weight = base.weight
+        if config.use_dora:
+            dora.check_base(name, base)
         r = config.rank_for(name, matcher)
         alpha = config.alpha_for(name, matcher)
         dims = out_in(base)

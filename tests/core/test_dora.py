@@ -430,3 +430,12 @@ def test_lora_file_with_dora_config_is_refused(tmp_path, snapshot):
     with pytest.raises(ValueError, match="use_dora=true, which needs a DoRA magnitude"):
         lora_ext.load_adapter(model, tmp_path)
     snap()
+
+
+def test_dora_on_a_quantized_base_is_refused(snapshot):
+    bnb = pytest.importorskip("bitsandbytes")
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 32, quant_type="nf4")).to("cpu")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"use_dora=True: '0' is a Linear4bit.*Params4bit"):
+        lora_ext.inject_(model, LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    snap()
