@@ -128,16 +128,33 @@ def child_rss(args: argparse.Namespace, impl: str) -> tuple[int, bool]:
     return int(row["peak_rss_bytes"]), bool(row["since_model_loaded"])
 
 
-def merge_errors(base: torch.nn.Module, r: int) -> dict[str, float]:
-    """max |W_merged - W_float64| over MERGE_LAYERS for our bf16 merge, PEFT's, and the float32
-    merge rounded once."""
+def _ulps(merged: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """|merged - exact| in units of bfloat16's spacing at |exact| (0.5: correctly rounded)."""
+    _, e = torch.frexp(exact)
+    return (merged.double() - exact).abs() / torch.ldexp(torch.ones_like(exact), e - 8)
+
+
+def merge_errors(base: torch.nn.Module, r: int) -> dict[str, dict[str, float]]:
+    """Over MERGE_LAYERS, for our bf16 merge, PEFT's and the float32 merge rounded once:
+    max |W_merged - W_float64|, the same in bf16 ulps of each element, and the fraction of
+    elements that differ from the float64 merge correctly rounded to bfloat16."""
     import peft
 
     import lora_ext
     from lora_ext import reference as R
 
     g = torch.Generator().manual_seed(0)
-    errors = {"lora_ext": 0.0, "peft": 0.0, "float32_rounded_once": 0.0}
+    keys = ("lora_ext", "peft", "float32_rounded_once")
+    errors = {k: {"max_abs": 0.0, "max_ulps": 0.0, "not_correctly_rounded": 0} for k in keys}
+    total = 0
+
+    def record(key: str, merged: torch.Tensor, exact: torch.Tensor) -> None:
+        e = errors[key]
+        e["max_abs"] = max(e["max_abs"], float((merged.double() - exact).abs().max()))
+        e["max_ulps"] = max(e["max_ulps"], float(_ulps(merged, exact).max()))
+        best = exact.to(torch.bfloat16)
+        e["not_correctly_rounded"] += int((merged != best).sum())
+
     for name in MERGE_LAYERS:
         linear = copy.deepcopy(base.get_submodule(name)).to(torch.bfloat16)
         out_f, in_f = linear.weight.shape
@@ -147,10 +164,9 @@ def merge_errors(base: torch.nn.Module, r: int) -> dict[str, float]:
         w = linear.weight.detach().clone()
         m = R.dora_norm(w, a, b, scale).float() * (1 + 0.05 * torch.randn(out_f, generator=g))
         exact = R.dora_merge(w, a, b, scale, m)
-        f32 = R.dora_merge(w.float(), a, b, scale, m).float().to(torch.bfloat16)
-        errors["float32_rounded_once"] = max(
-            errors["float32_rounded_once"], float((f32.double() - exact).abs().max())
-        )
+        f32 = R.dora_merge_float32(w, a, b, scale, m).to(torch.bfloat16)
+        record("float32_rounded_once", f32, exact)
+        total += exact.numel()
 
         ours = lora_ext.inject_(
             torch.nn.Sequential(copy.deepcopy(linear)),
@@ -180,12 +196,10 @@ def merge_errors(base: torch.nn.Module, r: int) -> dict[str, float]:
                 m_.copy_(m)
         layer.merge()
         t.merge()
-        errors["lora_ext"] = max(
-            errors["lora_ext"], float((layer.weight.double() - exact).abs().max())
-        )
-        errors["peft"] = max(
-            errors["peft"], float((t.base_layer.weight.double() - exact).abs().max())
-        )
+        record("lora_ext", layer.weight.detach(), exact)
+        record("peft", t.base_layer.weight.detach(), exact)
+    for e in errors.values():
+        e["not_correctly_rounded"] /= total
     return errors
 
 
@@ -244,7 +258,9 @@ def main() -> None:
                 "tokens_per_s": tokens / med,
                 "peak_memory_bytes": peak[0],
                 "peak_since_model_loaded": peak[1],
-                "bf16_merge_max_abs_err": errors[impl],
+                "bf16_merge_max_abs_err": errors[impl]["max_abs"],
+                "bf16_merge_max_ulps": errors[impl]["max_ulps"],
+                "bf16_merge_not_correctly_rounded": errors[impl]["not_correctly_rounded"],
                 "steps_timed": len(times[impl]),
             }
         )
@@ -271,7 +287,7 @@ def main() -> None:
         "targets": TARGETS,
         "memory": "peak RSS added by training (child process per configuration, VmHWM)",
         "merge_layers": MERGE_LAYERS,
-        "bf16_merge_float32_rounded_once_err": errors["float32_rounded_once"],
+        "bf16_merge_float32_rounded_once": errors["float32_rounded_once"],
         "versions": {
             "torch": torch.__version__,
             "python": platform.python_version(),
@@ -291,15 +307,20 @@ def main() -> None:
     )
     print(
         f"{'impl':<9} {'step ms':>8} {'tokens/s':>9} {'peak mem':>9} {'speed vs PEFT':>14} "
-        f"{'bf16 merge max|d|':>18}"
+        f"{'bf16 merge max|d|':>18} {'max ulps':>9} {'not correctly rounded':>22}"
     )
     for r in rows:
         mem = f"{r['peak_memory_bytes'] / 2**20:.0f}MiB" if r["peak_memory_bytes"] else "-"
         print(
             f"{r['impl']:<9} {r['step_ms']:>8.0f} {r['tokens_per_s']:>9.1f} {mem:>9} "
-            f"{r['speedup_vs_peft']:>13.2f}x {r['bf16_merge_max_abs_err']:>18.3g}"
+            f"{r['speedup_vs_peft']:>13.2f}x {r['bf16_merge_max_abs_err']:>18.3g} "
+            f"{r['bf16_merge_max_ulps']:>9.3f} {r['bf16_merge_not_correctly_rounded']:>22.2e}"
         )
-    print(f"float32 merge rounded once to bf16: max|d| {errors['float32_rounded_once']:.3g}")
+    once = errors["float32_rounded_once"]
+    print(
+        f"float32 merge rounded once to bf16: max|d| {once['max_abs']:.3g}, "
+        f"{once['max_ulps']:.3f} ulps, {once['not_correctly_rounded']:.2e} not correctly rounded"
+    )
     print(f"wrote {path.relative_to(ROOT)}")
 
 

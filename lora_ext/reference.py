@@ -16,6 +16,7 @@ from torch import Tensor
 
 __all__ = [
     "dora_merge",
+    "dora_merge_float32",
     "dora_norm",
     "dropout_mask",
     "error_bound",
@@ -152,6 +153,16 @@ def dora_merge(
     """DoRA's merged weight m / ||W + sBA|| * (W + sBA) [out, in], in float64."""
     v = weight.double() + scale * (lora_b.double() @ lora_a.double())
     return (magnitude.double() / torch.linalg.vector_norm(v, dim=1))[:, None] * v
+
+
+def dora_merge_float32(
+    weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, magnitude: Tensor
+) -> Tensor:
+    """DoRA's merge computed in float32 arithmetic throughout (V = W + sBA, its row norms,
+    m / n * V), returned in float32: rounded once to W's dtype, the merge a float32
+    implementation can at best produce."""
+    v = weight.float() + scale * (lora_b.float() @ lora_a.float())
+    return (magnitude.float() / torch.linalg.vector_norm(v, dim=1))[:, None] * v
 
 
 def error_bound(ours: Tensor, same_dtype: Tensor, exact: Tensor) -> tuple[float, float]:
