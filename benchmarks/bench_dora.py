@@ -57,10 +57,11 @@ def make_batch(tokenizer: Any, batch: int, seq: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def build(impl: str, base: torch.nn.Module, r: int, dropout: float):
-    """(DoRA model in train mode, AdamW over its trainable tensors, their count)."""
+def build(impl: str, base: torch.nn.Module, r: int, dropout: float, copy_base: bool = True):
+    """(DoRA model in train mode, AdamW over its trainable tensors, their count); on a deep
+    copy of ``base`` unless ``copy_base`` is False."""
     torch.manual_seed(1)
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(base) if copy_base else base
     if impl == "peft":
         from peft import LoraConfig, get_peft_model
 
@@ -102,8 +103,14 @@ def run_child(args: argparse.Namespace) -> None:
 
     base, tok = models.load_smollm2()
     batch = make_batch(tok, args.batch, args.seq)
-    model, opt, _ = build(args.child, base, args.r, args.dropout)
+    model, opt, _ = build(args.child, base, args.r, args.dropout, copy_base=False)
     del base
+    try:  # hand the heap's free pages (loading temporaries) back, so training cannot hide in them
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     baseline = _status_kb("VmRSS")
     try:  # reset VmHWM: the peak below is what training adds, not the loading spike
         Path("/proc/self/clear_refs").write_text("5")
@@ -137,7 +144,9 @@ def _ulps(merged: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
 def merge_errors(base: torch.nn.Module, r: int) -> dict[str, dict[str, float]]:
     """Over MERGE_LAYERS, for our bf16 merge, PEFT's and the float32 merge rounded once:
     max |W_merged - W_float64|, the same in bf16 ulps of each element, and the fraction of
-    elements that differ from the float64 merge correctly rounded to bfloat16."""
+    elements that differ from the float64 merge correctly rounded to bfloat16. (The ulps are
+    dominated by elements where W + sBA nearly cancels, whose float32 error is large next to
+    their own tiny bf16 spacing: the same for every float32 implementation.)"""
     import peft
 
     import lora_ext
@@ -307,19 +316,19 @@ def main() -> None:
     )
     print(
         f"{'impl':<9} {'step ms':>8} {'tokens/s':>9} {'peak mem':>9} {'speed vs PEFT':>14} "
-        f"{'bf16 merge max|d|':>18} {'max ulps':>9} {'not correctly rounded':>22}"
+        f"{'bf16 merge max|d|':>18} {'not correctly rounded':>22}"
     )
     for r in rows:
         mem = f"{r['peak_memory_bytes'] / 2**20:.0f}MiB" if r["peak_memory_bytes"] else "-"
         print(
             f"{r['impl']:<9} {r['step_ms']:>8.0f} {r['tokens_per_s']:>9.1f} {mem:>9} "
             f"{r['speedup_vs_peft']:>13.2f}x {r['bf16_merge_max_abs_err']:>18.3g} "
-            f"{r['bf16_merge_max_ulps']:>9.3f} {r['bf16_merge_not_correctly_rounded']:>22.2e}"
+            f"{r['bf16_merge_not_correctly_rounded']:>22.2e}"
         )
     once = errors["float32_rounded_once"]
     print(
         f"float32 merge rounded once to bf16: max|d| {once['max_abs']:.3g}, "
-        f"{once['max_ulps']:.3f} ulps, {once['not_correctly_rounded']:.2e} not correctly rounded"
+        f"{once['not_correctly_rounded']:.2e} not correctly rounded"
     )
     print(f"wrote {path.relative_to(ROOT)}")
 

@@ -127,9 +127,13 @@ def dora_model(kind: str, **cfg_kwargs) -> tuple[torch.nn.Module, torch.nn.Modul
 
 
 # -- the compiled ops ------------------------------------------------------------------------
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_norm_and_merge_ops_match_float64(dtype, transposed):
+def test_norm_and_merge_ops_match_float64(dtype, transposed, device):
     g = torch.Generator().manual_seed(0)
     out, inp, r = 37, 300, 5  # several row tiles on the CPU, ragged last tile
     w = torch.randn(inp, out, generator=g).to(dtype).t() if transposed else None
@@ -138,6 +142,7 @@ def test_norm_and_merge_ops_match_float64(dtype, transposed):
     a = torch.randn(r, inp, generator=g) * 0.1
     b = torch.randn(out, r, generator=g) * 0.1
     m = torch.rand(out, generator=g) + 0.5
+    w, a, b, m = (t.to(device) for t in (w, a, b, m))
     n = ops.dora_norm(w, a, b, 1.5)
     assert n.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert rel_err(n.double(), R.dora_norm(w, a, b, 1.5)) < 1e-6
