@@ -318,12 +318,6 @@ def plan_inject(
             torch.float64,
         ):
             raise TypeError(f"init='pissa' on {name!r}: weight dtype {weight.dtype} is not float")
-        if config.use_dora and quantized.is_quantized(base):
-            raise ValueError(
-                f"use_dora=True on {name!r}: its base is a bitsandbytes "
-                f"{quantized.kind_of(base)} layer; DoRA over a quantized base is not supported "
-                "(use a float base, or use_dora=False)"
-            )
         plans.append((name, module, r, alpha))
     patterns, task_type = _resolve_saved(model, config, targets)
     saved = select_modules(model, patterns, "modules_to_save")
