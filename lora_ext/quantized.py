@@ -21,9 +21,11 @@ bitsandbytes is imported lazily: the rest of lora_ext works without it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,7 @@ __all__ = [
     "lora_forward",
     "plan_quantization",
     "quantize_base_",
+    "qlora_path",
     "quantize_linear",
     "requantize_merged",
 ]
@@ -273,6 +276,92 @@ def quantize_base_(model: nn.Module, kind: str, keep: Iterable[str] = ()) -> nn.
 
 
 # -- forward ---------------------------------------------------------------------------------
+# The QLoRA forward has two paths, switched process-wide (``qlora_path``, or the environment
+# variable LORA_EXT_QLORA_PATH when the process starts):
+#   "separate": the bitsandbytes layer's own forward (its 4-bit GEMM) plus ops.lora_delta;
+#   "fused": bitsandbytes' dequantize_4bit into a transient weight (what its CPU training path
+#            does inside the GEMM too), then one fused ops.lora_linear call: one autograd node
+#            per layer, the LoRA term written into the GEMM's output, dY W and the LoRA grad_x
+#            summed in one pass. The dequantized weight lives only inside forward and backward.
+#   "auto" (default): fused on the CPU (measured faster there: benchmarks/bench_qlora.py),
+#            separate on other devices until a device run (make gpu-check) says otherwise.
+_PATHS = ("auto", "fused", "separate")
+_path = os.environ.get("LORA_EXT_QLORA_PATH", "auto")  # checked at first use
+
+
+@contextlib.contextmanager
+def qlora_path(path: str) -> Iterator[None]:
+    """Inside the block, 4-bit LoRA layers run the ``"fused"``, ``"separate"`` or ``"auto"``
+    forward (see the comment above; a process-wide switch)."""
+    global _path
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+    before, _path = _path, path
+    try:
+        yield
+    finally:
+        _path = before
+
+
+def _use_fused(base_layer: nn.Module, x: torch.Tensor) -> bool:
+    """The fused path applies: a plain 4-bit layer, training with grad, no autocast."""
+    if _path not in _PATHS:  # a typo in the environment must not silently pick a path
+        raise ValueError(f"LORA_EXT_QLORA_PATH must be one of {_PATHS}, got {_path!r}")
+    if _path == "separate" or (_path == "auto" and x.device.type != "cpu"):
+        return False
+    state = getattr(base_layer.weight, "quant_state", None)
+    return (
+        state is not None  # Linear4bit (Linear8bitLt also rounds x to int8: separate)
+        and not getattr(state, "packing_format_for_cpu", False)
+        and tuple(state.shape) == (base_layer.out_features, base_layer.in_features)
+        and torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+        and x.numel() > 0
+        and (base_layer.bias is None or not base_layer.bias.requires_grad)
+    )
+
+
+class _Fused4bit(torch.autograd.Function):
+    """y [..., out] = x W^T + bias + scale * (drop(x) A^T) B^T with W = dequantize_4bit(base),
+    through the fused op; saved: x, A, B, xa [..., r], the seed (the mask is recomputed) and the
+    layer (its packed 4-bit weight): W is dequantized again in backward, as bitsandbytes does."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, base_layer, bias, scale, dropout_p, seed):
+        weight = _dequantize_4bit(base_layer, x.dtype)
+        y, xa = ops._ops.lora_linear.default(
+            x, weight, bias, lora_a, lora_b, scale, dropout_p, seed
+        )
+        ctx.save_for_backward(x, lora_a, lora_b, xa, seed)
+        ctx.base_layer, ctx.scale, ctx.dropout_p = base_layer, scale, dropout_p
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, lora_a, lora_b, xa, seed = ctx.saved_tensors
+        weight = _dequantize_4bit(ctx.base_layer, x.dtype)
+        mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+        if torch.is_grad_enabled() and any(
+            t.requires_grad for t in (grad_y, x, lora_a, lora_b)
+        ):  # create_graph=True: the same formula in differentiable ops (double backward)
+            grads = ops._differentiable_backward(
+                grad_y, x, weight, lora_a, lora_b, ctx.scale, ctx.dropout_p, seed, mask
+            )
+        else:
+            grads = ops._ops.lora_linear_backward.default(
+                grad_y.contiguous(), x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p,
+                seed, mask,
+            )  # fmt: skip
+        return (*grads, None, None, None, None, None)
+
+
+def _dequantize_4bit(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's [out, in] weight by bitsandbytes' own dequantize_4bit, in ``dtype``."""
+    weight = base_layer.weight
+    full = _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
+    return full if full.dtype == dtype else full.to(dtype)
+
+
 def lora_forward(
     base_layer: nn.Module,
     x: torch.Tensor,
@@ -283,11 +372,14 @@ def lora_forward(
 ) -> torch.Tensor:
     """``base_layer(x) + scale * (drop(x) A^T) B^T`` [..., out] for a bitsandbytes base.
 
-    The base output is bitsandbytes' own kernel; the LoRA branch is ``ops.lora_delta`` in x's
-    dtype (the autocast dtype inside torch.autocast), A [r, in] and B [out, r] cast to it
-    (casts are differentiable: float32 masters get float32 gradients), its result cast to the
-    base output's dtype, as PEFT does.
+    Separate path: the base output is bitsandbytes' own kernel; the LoRA branch is
+    ``ops.lora_delta`` in x's dtype (the autocast dtype inside torch.autocast), A [r, in] and
+    B [out, r] cast to it (casts are differentiable: float32 masters get float32 gradients),
+    its result cast to the base output's dtype, as PEFT does. Fused path (4-bit, training):
+    everything in the layer's compute dtype, as bitsandbytes computes its GEMM.
     """
+    if _use_fused(base_layer, x):
+        return _fused_forward(base_layer, x, lora_a, lora_b, scale, dropout_p)
     y = base_layer(x)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -298,6 +390,27 @@ def lora_forward(
     b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
     delta = ops.lora_delta(xs, a, b, scale, dropout_p)
     return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
+
+
+def _fused_forward(base_layer, x, lora_a, lora_b, scale, dropout_p) -> torch.Tensor:
+    """The fused path: bitsandbytes' compute dtype for x, W, bias, A, B; y in x's dtype."""
+    fix = getattr(_bnb().nn.modules, "fix_4bit_weight_quant_state_from_module", None)
+    if fix is not None:  # what Linear4bit.forward does first (a state kept on the module)
+        fix(base_layer)
+    if not getattr(base_layer, "compute_type_is_set", True):
+        base_layer.set_compute_type(x)
+        base_layer.compute_type_is_set = True
+    dtype = getattr(base_layer, "compute_dtype", None) or x.dtype
+    xs = x if x.dtype == dtype else x.to(dtype)
+    a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)
+    b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
+    bias = base_layer.bias
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.detach().to(dtype)
+    ops.load_library()
+    seed = ops.make_seed(None, ops._seed_device(x)) if dropout_p > 0.0 else ops._NO_SEED
+    y = _Fused4bit.apply(xs, a, b, base_layer, bias, float(scale), float(dropout_p), seed)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 # -- dequantize, merge ----------------------------------------------------------------------

@@ -172,15 +172,18 @@ def test_tiled_dequantization_is_bitsandbytes_own(kind, monkeypatch):
 
 
 # -- parity with PEFT --------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["fused", "separate"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_outputs_and_lora_gradients_equal_peft(name):
+def test_outputs_and_lora_gradients_equal_peft(name, path):
     model, inputs, targets, out = MODELS[name]()
     base = quantized.quantize_base_(model, "nf4")
     ours = copy.deepcopy(base)
     lora_ext.inject_(ours, lora_ext.LoraConfig(r=4, alpha=8, target_modules=targets))
     _randomise_b(ours)
     pm = _peft_twin(base, ours, targets, 4, 8, "nf4")
-    y_ours, y_peft = out(ours(**inputs)), out(pm(**inputs))
+    with quantized.qlora_path(path):  # the path is chosen in forward; backward follows it
+        y_ours = out(ours(**inputs))
+    y_peft = out(pm(**inputs))
     _close(y_ours, y_peft, 1e-5)
     y_ours.square().mean().backward()
     y_peft.square().mean().backward()
@@ -216,21 +219,55 @@ def test_int8_base_matches_peft():
         _close(out(merged(**inputs)), out(ours(**inputs)), 5e-3)
 
 
-def test_dropout_in_train_mode_uses_lora_deltas_mask():
+@pytest.mark.parametrize("path", ["separate", "fused"])
+def test_dropout_in_train_mode_uses_lora_deltas_mask(path):
+    """Both forward paths draw one seed and apply the op's mask: the separate path is exactly
+    base(x) + lora_delta(x); the fused one (dequantized W through lora_linear) equals it to
+    float rounding, gradients included."""
     lin = nn.Linear(64, 32)
     layer = lora_ext.LoraLinear(quantized.quantize_linear(lin, "nf4"))
     layer.add_adapter("default", r=4, alpha=8, dropout=0.3)
     layer.set_adapter("default")
     _randomise_b(nn.ModuleDict({"l": layer}))
     layer.train()
-    x = torch.randn(5, 64)
-    torch.manual_seed(3)
-    y = layer(x)
+    x = torch.randn(5, 64, requires_grad=True)
+    with quantized.qlora_path(path):
+        torch.manual_seed(3)
+        y = layer(x)
     torch.manual_seed(3)
     seed = lora_ext.ops.make_seed(None)
     a, b = layer.lora_A["default"], layer.lora_B["default"]
-    want = layer.base_layer(x) + lora_ext.ops.lora_delta(x, a, b, 2.0, 0.3, seed=seed)
-    assert torch.equal(y, want)
+    xr = x.detach().clone().requires_grad_()
+    with quantized.qlora_path("separate"):
+        want = layer.base_layer(xr) + lora_ext.ops.lora_delta(xr, a, b, 2.0, 0.3, seed=seed)
+    if path == "separate":
+        assert torch.equal(y, want)
+    else:
+        _close(y, want, 1e-6)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    grads = torch.autograd.grad(y, (x, a, b), g)
+    wants = torch.autograd.grad(want, (xr, a, b), g)
+    for got, ref in zip(grads, wants, strict=True):
+        _close(got, ref, 1e-6)
+
+
+def test_qlora_path_switch_and_when_fused_applies(monkeypatch):
+    layer = quantized.quantize_linear(nn.Linear(64, 32), "nf4")
+    x = torch.randn(3, 64, requires_grad=True)
+    assert quantized._use_fused(layer, x)  # auto on the CPU: fused for training
+    with torch.no_grad():
+        assert not quantized._use_fused(layer, x)  # inference: bitsandbytes' own kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not quantized._use_fused(layer, x)
+    with quantized.qlora_path("separate"):
+        assert not quantized._use_fused(layer, x)
+    int8 = quantized.quantize_linear(nn.Linear(64, 32), "int8")
+    assert not quantized._use_fused(int8, x)  # LLM.int8 also rounds x: never fused
+    with pytest.raises(ValueError, match="path must be one of"), quantized.qlora_path("fast"):
+        pass
+    monkeypatch.setattr(quantized, "_path", "fsued")  # as a typo in LORA_EXT_QLORA_PATH
+    with pytest.raises(ValueError, match="LORA_EXT_QLORA_PATH must be one of .* got 'fsued'"):
+        quantized._use_fused(layer, x)
 
 
 # -- save / load ---------------------------------------------------------------------------------
