@@ -210,7 +210,8 @@ def interleaved_speed(args, base: str) -> dict:
     if base == "nf4-bf16":
         model = model.to(torch.bfloat16)
     quantized.quantize_base_(model, "nf4")
-    data = batches(tok, model.config.vocab_size, args.steps, args.batch, args.seq)
+    steps = args.interleaved_steps
+    data = batches(tok, model.config.vocab_size, steps, args.batch, args.seq)
     lcfg = dict(r=args.r, alpha=2 * args.r, dropout=args.dropout, target_modules=TARGETS)
     torch.manual_seed(2)
     ours = lora_ext.inject_(copy.deepcopy(model), lora_ext.LoraConfig(**lcfg)).train()
@@ -223,22 +224,32 @@ def interleaved_speed(args, base: str) -> dict:
         ),
     ).train()
     del model
+    # lora_ext's two 4-bit paths (quantized.qlora_path): the default on this device, and the
+    # other one, each with its own model copy and optimizer
+    default = "fused" if quantized._use_fused_on(torch.device("cpu")) else "separate"
+    other = "separate" if default == "fused" else "fused"
     runs = {}
-    for name, m in (("lora_ext", ours), ("peft", theirs)):
+    for name, m, path in (
+        ("lora_ext", ours, default), (f"lora_ext_{other}", copy.deepcopy(ours), other),
+        ("peft", theirs, "auto"),
+    ):  # fmt: skip
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-        runs[name] = (m, opt, [])
+        runs[name] = (m, opt, path, [])
     for ids in data:
-        for m, opt, times in runs.values():
-            t0 = time.perf_counter()
-            m(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - t0)
-    warm = min(args.warmup, args.steps - 1)
-    tps = {n: args.batch * args.seq / statistics.median(t[warm:]) for n, (_, _, t) in runs.items()}
+        for m, opt, path, times in runs.values():
+            with quantized.qlora_path(path):
+                t0 = time.perf_counter()
+                m(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - t0)
+    warm = min(args.warmup, steps - 1)
+    tps = {n: args.batch * args.seq / statistics.median(r[3][warm:]) for n, r in runs.items()}
     return {
         "base": base, "tokens_per_s_lora_ext": tps["lora_ext"], "tokens_per_s_peft": tps["peft"],
-        "speedup_vs_peft": tps["lora_ext"] / tps["peft"], "timed_steps": args.steps - warm,
+        "speedup_vs_peft": tps["lora_ext"] / tps["peft"], "timed_steps": steps - warm,
+        "lora_ext_path": default, f"tokens_per_s_lora_ext_{other}": tps[f"lora_ext_{other}"],
+        f"speedup_vs_peft_{other}": tps[f"lora_ext_{other}"] / tps["peft"],
     }  # fmt: skip
 
 
@@ -315,9 +326,13 @@ def table(res: dict) -> str:
             f"{row['first_loss']:>10.3f}->{row['last_loss']:<7.3f}"
         )
     for row in res.get("interleaved", []):
+        other = "separate" if row.get("lora_ext_path", "fused") == "fused" else "fused"
         lines.append(
-            f"interleaved in one process, {row['base']}: lora_ext {row['tokens_per_s_lora_ext']:.1f}"
-            f" vs PEFT {row['tokens_per_s_peft']:.1f} tokens/s = {row['speedup_vs_peft']:.2f}x"
+            f"interleaved in one process, {row['base']}: lora_ext ({row.get('lora_ext_path')} "
+            f"path) {row['tokens_per_s_lora_ext']:.1f} vs PEFT {row['tokens_per_s_peft']:.1f} "
+            f"tokens/s = {row['speedup_vs_peft']:.2f}x; {other} path "
+            f"{row.get(f'tokens_per_s_lora_ext_{other}', float('nan')):.1f} tokens/s = "
+            f"{row.get(f'speedup_vs_peft_{other}', float('nan')):.2f}x"
         )
     m = res.get("merge")
     if m:
@@ -365,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a 2-layer random Llama (dry run)")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument(
+        "--interleaved-steps", type=int, default=16, help="steps of each model, alternating"
+    )
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
@@ -406,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": "cpu", "cpu": cpu_name(), "threads": args.threads,
         "model": next(iter(rows.values()))["model"], "batch": args.batch, "seq": args.seq,
         "r": args.r, "dropout": args.dropout, "steps": args.steps, "warmup": args.warmup,
+        "interleaved_steps": args.interleaved_steps,
         "torch": torch.__version__, "bitsandbytes": __import__("bitsandbytes").__version__,
         "peft": __import__("peft").__version__, "rows": list(rows.values()), "merge": merge,
         "interleaved": interleaved,

@@ -303,11 +303,16 @@ def qlora_path(path: str) -> Iterator[None]:
         _path = before
 
 
-def _use_fused(base_layer: nn.Module, x: torch.Tensor) -> bool:
-    """The fused path applies: a plain 4-bit layer, training with grad, no autocast."""
+def _use_fused_on(device: torch.device) -> bool:
+    """The switch's answer for a device: "fused", or "auto" on the CPU."""
     if _path not in _PATHS:  # a typo in the environment must not silently pick a path
         raise ValueError(f"LORA_EXT_QLORA_PATH must be one of {_PATHS}, got {_path!r}")
-    if _path == "separate" or (_path == "auto" and x.device.type != "cpu"):
+    return _path == "fused" or (_path == "auto" and device.type == "cpu")
+
+
+def _use_fused(base_layer: nn.Module, x: torch.Tensor) -> bool:
+    """The fused path applies: a plain 4-bit layer, training with grad, no autocast."""
+    if not _use_fused_on(x.device):
         return False
     state = getattr(base_layer.weight, "quant_state", None)
     return (

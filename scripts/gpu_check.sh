@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a machine with a GPU and no network: build the CUDA extension for this GPU, run
 # the GPU op tests, the op benchmark (both CUDA kernel variants), the merge bandwidth benchmark
-# and a short bf16 SmolLM2 fine-tune against PEFT; copy the JSON and logs to $OUT; print the
+# and a short bf16 SmolLM2 fine-tune against PEFT (LoRA, DoRA, and QLoRA with both of its
+# 4-bit forward paths when bitsandbytes is importable there); copy the JSON and logs to $OUT; print the
 # table last. Every step has a time limit, so the summary is printed even when one hangs.
 #
 # GPU_CHECK_DEVICE=cpu is a dry run of this same script on a machine without a GPU (CI runs it
@@ -68,7 +69,7 @@ missing += [f for f in files if not pathlib.Path(f).is_file()]
 if missing:
     sys.exit(f"gpu-check: missing {missing}")
 optional = {m: importlib.util.find_spec(m) is not None
-            for m in ("peft", "transformers", "hypothesis", "ninja")}
+            for m in ("peft", "transformers", "hypothesis", "ninja", "bitsandbytes")}
 print("optional packages:", ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in optional.items()))
 PY
 [ "$DEV" = cuda ] && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true; }
@@ -139,11 +140,13 @@ quick=()
 if [ "$DEV" = cuda ]; then
   step bench_op 120 "$PY" benchmarks/bench_op.py --device cuda --out "$RESULTS" "${quick[@]}"
   step bench_merge 60 "$PY" benchmarks/bench_merge.py --device cuda --out "$RESULTS" "${quick[@]}"
-  step bench_finetune 150 "$PY" benchmarks/bench_finetune.py --device cuda --steps 100 --out "$RESULTS"
+  step bench_finetune 200 "$PY" benchmarks/bench_finetune.py --device cuda --steps 60 \
+    --variants lora,dora,qlora --out "$RESULTS"
 else
   step bench_op 240 "$PY" benchmarks/bench_op.py --device cpu --tiny --quick --out "$RESULTS"
   step bench_merge 120 "$PY" benchmarks/bench_merge.py --device cpu --tiny --quick --out "$RESULTS"
-  step bench_finetune 300 "$PY" benchmarks/bench_finetune.py --device cpu --tiny --steps 4 --out "$RESULTS"
+  step bench_finetune 300 "$PY" benchmarks/bench_finetune.py --device cpu --tiny --steps 4 \
+    --variants lora,dora,qlora --out "$RESULTS"
 fi
 
 echo
