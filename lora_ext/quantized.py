@@ -10,7 +10,9 @@ a number itself. What it adds:
   ``score``) and ``modules_to_save``. Everything is checked before the model changes.
 - ``lora_forward``: a LoraLinear over such a layer is ``base_layer(x)`` (bitsandbytes' kernel)
   plus the LoRA branch from the compiled LoRA-only op ``ops.lora_delta`` (dropout recomputed
-  from the seed, nothing x-sized saved but x).
+  from the seed, nothing x-sized saved but x); or, on the "fused" path (``qlora_path``, the
+  CPU's default in training), bitsandbytes' ``dequantize_4bit`` into a transient weight and
+  one call of the fused ``ops.lora_linear``.
 - ``dequantize_merged``: merging dequantizes the base tile by tile in float32, adds ``s B A``
   in float32 (``ops.merge_``) and rounds once to the target dtype: a plain ``nn.Linear``.
   ``requantize``: merging back into 4/8 bits, only on explicit request, with the error it
