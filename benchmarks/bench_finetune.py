@@ -201,7 +201,7 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _unavailable(variant: str, device: torch.device) -> str:
+def _unavailable(variant: str) -> str:
     """Why ``variant`` cannot run here ("" when it can): QLoRA needs bitsandbytes."""
     if variant != "qlora":
         return ""
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--variants: got {args.variants!r}, expected some of {VARIANTS}")
     rows, skipped, verdicts = [], {}, []
     for variant in variants:
-        why = _unavailable(variant, device)
+        why = _unavailable(variant)
         if why:
             skipped[variant] = why
             continue

@@ -516,17 +516,23 @@ def _lora_linear_backward(ctx, grad_y, grad_xa):
         )
     if grad_y is None or not any(output_mask):
         return None, None, None, None, None, None, None, None
-    if torch.is_grad_enabled() and any(
-        t.requires_grad for t in (grad_y, x, lora_a, lora_b)
-    ):  # backward(create_graph=True): a differentiable backward, for double backward
-        grad_x, grad_a, grad_b = _differentiable_backward(
-            grad_y, x, weight, lora_a, lora_b, ctx.scale, ctx.dropout_p, seed, output_mask
-        )
-        return grad_x, None, None, grad_a, grad_b, None, None, None
-    grad_x, grad_a, grad_b = _ops.lora_linear_backward.default(
+    grad_x, grad_a, grad_b = lora_linear_grads(
         grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed, output_mask
     )
     return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def lora_linear_grads(grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, mask3):
+    """(grad_x, grad_a, grad_b) of lora_linear (``mask3`` says which are wanted): the compiled
+    kernel, or under backward(create_graph=True) the same formula in differentiable PyTorch
+    ops, for double backward. Shared by the op's autograd and quantized.py's fused 4-bit path."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y, x, lora_a, lora_b)):
+        return _differentiable_backward(
+            grad_y, x, weight, lora_a, lora_b, scale, dropout_p, seed, mask3
+        )
+    return _ops.lora_linear_backward.default(
+        grad_y, x, weight, lora_a, lora_b, xa, scale, dropout_p, seed, mask3
+    )
 
 
 def _differentiable_backward(grad_y, x, weight, lora_a, lora_b, scale, dropout_p, seed, mask3):

@@ -348,22 +348,15 @@ class _Fused4bit(torch.autograd.Function):
         x, lora_a, lora_b, xa, seed = ctx.saved_tensors
         weight = _dequantize_4bit(ctx.base_layer, x.dtype)
         mask = [bool(n) for n in ctx.needs_input_grad[:3]]
-        if torch.is_grad_enabled() and any(
-            t.requires_grad for t in (grad_y, x, lora_a, lora_b)
-        ):  # create_graph=True: the same formula in differentiable ops (double backward)
-            grads = ops._differentiable_backward(
-                grad_y, x, weight, lora_a, lora_b, ctx.scale, ctx.dropout_p, seed, mask
-            )
-        else:
-            grads = ops._ops.lora_linear_backward.default(
-                grad_y.contiguous(), x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p,
-                seed, mask,
-            )  # fmt: skip
+        grads = ops.lora_linear_grads(
+            grad_y, x, weight, lora_a, lora_b, xa, ctx.scale, ctx.dropout_p, seed, mask
+        )
         return (*grads, None, None, None, None, None)
 
 
 def _dequantize_4bit(base_layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The layer's [out, in] weight by bitsandbytes' own dequantize_4bit, in ``dtype``."""
+    """The layer's [out, in] weight by bitsandbytes' own dequantize_4bit, in ``dtype``, in one
+    call (the forward's transient weight; ``dequantized_weight`` is the merge's, in tiles)."""
     weight = base_layer.weight
     full = _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
     return full if full.dtype == dtype else full.to(dtype)
@@ -392,11 +385,14 @@ def lora_forward(
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     if dtype not in (*_FLOATS, torch.float64):
         dtype = lora_a.dtype
-    xs = x if x.dtype == dtype else x.to(dtype)
-    a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)
-    b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
+    xs, a, b = _in_dtype(dtype, x, lora_a, lora_b)
     delta = ops.lora_delta(xs, a, b, scale, dropout_p)
     return y + (delta if delta.dtype == y.dtype else delta.to(y.dtype))
+
+
+def _in_dtype(dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors cast to ``dtype`` (differentiable casts; no copy when already there)."""
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
 
 
 def _fused_forward(base_layer, x, lora_a, lora_b, scale, dropout_p) -> torch.Tensor:
@@ -408,9 +404,7 @@ def _fused_forward(base_layer, x, lora_a, lora_b, scale, dropout_p) -> torch.Ten
         base_layer.set_compute_type(x)
         base_layer.compute_type_is_set = True
     dtype = getattr(base_layer, "compute_dtype", None) or x.dtype
-    xs = x if x.dtype == dtype else x.to(dtype)
-    a = lora_a if lora_a.dtype == dtype else lora_a.to(dtype)
-    b = lora_b if lora_b.dtype == dtype else lora_b.to(dtype)
+    xs, a, b = _in_dtype(dtype, x, lora_a, lora_b)
     bias = base_layer.bias
     if bias is not None and bias.dtype != dtype:
         bias = bias.detach().to(dtype)

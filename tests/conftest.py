@@ -201,9 +201,12 @@ def peft_twin_of(
     ours: nn.Module,
     adapter_names: list[str] | None = None,
     copy_values: bool = True,
+    loaded_in_4bit: bool = False,
 ) -> nn.Module:
     """A PEFT PeftModel built from a deep copy of ``base`` with the same config(s) as the
-    adapters on ``ours`` (same names), and, with copy_values, the same A and B values."""
+    adapters on ``ours`` (same names), and, with copy_values, the same A and B values (and
+    DoRA magnitudes). ``loaded_in_4bit``: ``base`` holds bitsandbytes 4-bit layers (what PEFT
+    reads to pick its bnb LoRA layer)."""
     import peft
 
     from lora_ext.inject import adapter_configs, lora_layers
@@ -217,7 +220,10 @@ def peft_twin_of(
         fields.pop("peft_type")
         peft_config = peft.LoraConfig(**fields)
         if twin is None:
-            twin = peft.get_peft_model(copy.deepcopy(base), peft_config, adapter_name=name)
+            copied = copy.deepcopy(base)
+            if loaded_in_4bit:
+                copied.__dict__["is_loaded_in_4bit"] = True
+            twin = peft.get_peft_model(copied, peft_config, adapter_name=name)
         else:
             twin.add_adapter(name, peft_config)
     if copy_values:
@@ -228,12 +234,17 @@ def peft_twin_of(
                     if name in layer.lora_A:
                         theirs.lora_A[name].weight.copy_(layer.lora_A[name])
                         theirs.lora_B[name].weight.copy_(layer.lora_B[name])
+                    if name in layer.lora_magnitude_vector:
+                        theirs.lora_magnitude_vector[name].weight.copy_(
+                            layer.lora_magnitude_vector[name]
+                        )
     return twin.eval()
 
 
 @pytest.fixture
 def peft_twin() -> Callable[..., nn.Module]:
-    """peft_twin(base, ours, adapter_names=None, copy_values=True) -> PEFT model twin."""
+    """peft_twin(base, ours, adapter_names=None, copy_values=True, loaded_in_4bit=False)
+    -> PEFT model twin."""
     return peft_twin_of
 
 

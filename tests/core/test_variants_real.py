@@ -25,7 +25,7 @@ from torch import nn
 
 import lora_ext
 from lora_ext import quantized
-from lora_ext.inject import adapter_configs, lora_layers
+from lora_ext.inject import lora_layers
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
@@ -86,28 +86,6 @@ def _randomize(model: nn.Module, seed: int = 0) -> None:
                     m.mul_(1 + 0.1 * torch.randn(m.shape, generator=g))
 
 
-def _peft_twin(base: nn.Module, ours: nn.Module, four_bit: bool) -> nn.Module:
-    """PEFT over a deep copy of ``base`` with our config and our A, B (and m)."""
-    twin = copy.deepcopy(base)
-    if four_bit:
-        twin.__dict__["is_loaded_in_4bit"] = True  # what PEFT looks at for a bnb base
-    fields = adapter_configs(ours)["default"].to_peft_dict(inference_mode=False)
-    fields.pop("peft_type")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(twin, peft.LoraConfig(**fields))
-    with torch.no_grad():
-        for name, layer in lora_layers(ours):
-            theirs = pm.base_model.model.get_submodule(name)
-            theirs.lora_A["default"].weight.copy_(layer.lora_A["default"])
-            theirs.lora_B["default"].weight.copy_(layer.lora_B["default"])
-            if "default" in layer.lora_magnitude_vector:
-                theirs.lora_magnitude_vector["default"].weight.copy_(
-                    layer.lora_magnitude_vector["default"]
-                )
-    return pm.eval()
-
-
 def _outputs_and_grads(model: nn.Module, real, dtype=torch.float32) -> list[torch.Tensor]:
     """[output, d(loss)/d(input embeddings), then the LoRA (and m) gradients per layer]."""
     ids = real.inputs["input_ids"]
@@ -157,14 +135,14 @@ def _compare(ours: nn.Module, twin: nn.Module, real) -> int:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_qlora_nf4_matches_peft_on_real_model(name, request):
+def test_qlora_nf4_matches_peft_on_real_model(name, request, peft_twin):
     real = request.getfixturevalue(name)
     base = quantized.quantize_base_(real.fresh(), "nf4")
     ours = lora_ext.inject_(
         copy.deepcopy(base), lora_ext.LoraConfig(r=8, alpha=16, target_modules=TARGETS[name])
     ).eval()
     _randomize(ours)
-    twin = _peft_twin(base, ours, four_bit=True)
+    twin = peft_twin(base, ours, loaded_in_4bit=True)
     assert isinstance(twin.base_model.model.get_submodule(lora_layers(ours)[0][0]).base_layer,
                       quantized._bnb().nn.Linear4bit)  # fmt: skip
     assert _compare(ours, twin, real) >= 2 + 2 * 6
@@ -176,13 +154,13 @@ def test_qlora_nf4_matches_peft_on_real_model(name, request):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_dora_matches_peft_on_real_model(name, request):
+def test_dora_matches_peft_on_real_model(name, request, peft_twin):
     real = request.getfixturevalue(name)
     base = real.model
     cfg = lora_ext.LoraConfig(r=8, alpha=16, target_modules=TARGETS[name], use_dora=True)
     ours = lora_ext.inject_(real.fresh(), cfg).eval()
     _randomize(ours)
-    twin = _peft_twin(base, ours, four_bit=False)
+    twin = peft_twin(base, ours)
     assert _compare(ours, twin, real) >= 2 + 3 * 6
     with torch.no_grad():
         y = real.run(ours)
